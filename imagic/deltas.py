@@ -1,0 +1,177 @@
+"""Trainable weight deltas: what stage 2 learns, kept apart from the model it is added to.
+
+The base model is never written to. A delta is a set of tensors ``delta(name)`` that the host adds
+to the named weight whenever the model runs (diffusers: a parametrization; ComfyUI: a weight
+wrapper on a patched clone). Two kinds:
+
+* ``LoraDelta``: low-rank ``up @ down * alpha / rank`` on every Linear and Conv2d weight (convolutions
+  as LoCon: ``down`` has the kernel, ``up`` is 1x1). ``up`` starts at zero, so training starts exactly
+  at the base model.
+* ``FullDelta``: a dense difference for every weight and bias, starting at zero. Adam on the
+  difference is Adam on the weight itself, so this is the paper's full fine-tune.
+
+State-dict keys follow the LoRA format that ComfyUI's loaders read (``<module>.lora_up.weight``,
+``.lora_down.weight``, ``.alpha``; full deltas as ``<module>.diff`` / ``.diff_b``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+METHODS = ("lora", "full")
+
+
+def lora_target_shapes(module: nn.Module) -> Dict[str, torch.Size]:
+    """Weights of every Linear and Conv2d in the module, by parameter name."""
+    shapes = {}
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "weight", None) is not None:
+            shapes[f"{name}.weight"] = m.weight.shape
+    return shapes
+
+
+def full_target_shapes(module: nn.Module) -> Dict[str, torch.Size]:
+    return {name: p.shape for name, p in module.named_parameters() if name.rsplit(".", 1)[-1] in ("weight", "bias")}
+
+
+class WeightDelta(nn.Module):
+    method: str = ""
+
+    def names(self) -> List[str]:
+        raise NotImplementedError
+
+    def delta(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_state_dict(self, prefix: str = "") -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _module_name(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0]
+
+
+class LoraDelta(WeightDelta):
+    method = "lora"
+
+    def __init__(self, shapes: Mapping[str, torch.Size], rank: int = 4, alpha: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None, device=None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.rank = int(rank)
+        self.alpha = float(alpha if alpha is not None else rank)
+        self.shapes = {k: torch.Size(v) for k, v in shapes.items()}
+        self.down = nn.ParameterList()
+        self.up = nn.ParameterList()
+        self._index = {}
+        for i, (name, shape) in enumerate(sorted(self.shapes.items())):
+            out_f, in_f = shape[0], shape[1]
+            kernel = tuple(shape[2:])
+            r = min(self.rank, out_f, in_f * max(1, math.prod(kernel)))
+            down = torch.empty((r, in_f) + kernel)
+            # Kaiming-uniform like nn.Linear, from our own generator so the seed decides it.
+            bound = 1.0 / math.sqrt(in_f * max(1, math.prod(kernel)))
+            down.uniform_(-bound, bound, generator=generator)
+            up = torch.zeros((out_f, r) + (1,) * len(kernel))
+            self.down.append(nn.Parameter(down.to(device)))
+            self.up.append(nn.Parameter(up.to(device)))
+            self._index[name] = i
+
+    def names(self):
+        return list(self._index)
+
+    def delta(self, name):
+        i = self._index[name]
+        down, up = self.down[i], self.up[i]
+        scale = self.alpha / down.shape[0]
+        return (up.flatten(1) @ down.flatten(1)).reshape(self.shapes[name]) * scale
+
+    def to_state_dict(self, prefix=""):
+        sd = {}
+        for name, i in self._index.items():
+            m = prefix + _module_name(name)
+            sd[f"{m}.lora_down.weight"] = self.down[i].detach().clone()
+            sd[f"{m}.lora_up.weight"] = self.up[i].detach().clone()
+            sd[f"{m}.alpha"] = torch.tensor(self.alpha)
+        return sd
+
+
+class FullDelta(WeightDelta):
+    method = "full"
+
+    def __init__(self, shapes: Mapping[str, torch.Size], device=None):
+        super().__init__()
+        self.diffs = nn.ParameterList()
+        self._index = {}
+        for i, (name, shape) in enumerate(sorted(shapes.items())):
+            self.diffs.append(nn.Parameter(torch.zeros(shape, device=device)))
+            self._index[name] = i
+
+    def names(self):
+        return list(self._index)
+
+    def delta(self, name):
+        return self.diffs[self._index[name]]
+
+    def to_state_dict(self, prefix=""):
+        sd = {}
+        for name, i in self._index.items():
+            suffix = "diff_b" if name.endswith(".bias") else "diff"
+            sd[f"{prefix}{_module_name(name)}.{suffix}"] = self.diffs[i].detach().clone()
+        return sd
+
+
+def delta_from_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = "") -> WeightDelta:
+    """Rebuild a delta saved by ``to_state_dict`` (keys may carry ``prefix``)."""
+    keys = [k[len(prefix):] for k in sd if k.startswith(prefix)]
+    if any(k.endswith(".lora_up.weight") for k in keys):
+        modules = sorted(k[: -len(".lora_up.weight")] for k in keys if k.endswith(".lora_up.weight"))
+        shapes, downs, ups, alphas = {}, {}, {}, set()
+        for m in modules:
+            try:
+                up = sd[f"{prefix}{m}.lora_up.weight"]
+                down = sd[f"{prefix}{m}.lora_down.weight"]
+            except KeyError as e:
+                raise ValueError(f"LoRA entry for {m!r} is incomplete: {e.args[0]} is missing") from None
+            shape = (up.shape[0], down.shape[1]) + tuple(down.shape[2:])
+            shapes[f"{m}.weight"] = torch.Size(shape)
+            downs[f"{m}.weight"], ups[f"{m}.weight"] = down, up
+            if f"{prefix}{m}.alpha" in sd:
+                alphas.add(float(sd[f"{prefix}{m}.alpha"]))
+        rank = max(d.shape[0] for d in downs.values())
+        alpha = alphas.pop() if len(alphas) == 1 else float(rank)
+        delta = LoraDelta(shapes, rank=rank, alpha=alpha)
+        with torch.no_grad():
+            for name, i in delta._index.items():
+                delta.down[i].data = downs[name].float().clone()
+                delta.up[i].data = ups[name].float().clone()
+        return delta
+    shapes, values = {}, {}
+    for k in keys:
+        if k.endswith(".diff_b"):
+            name = k[: -len(".diff_b")] + ".bias"
+        elif k.endswith(".diff"):
+            name = k[: -len(".diff")] + ".weight"
+        else:
+            continue
+        shapes[name], values[name] = sd[prefix + k].shape, sd[prefix + k]
+    if not shapes:
+        raise ValueError("no LoRA (lora_up/lora_down) or full (diff) weights found")
+    delta = FullDelta(shapes)
+    with torch.no_grad():
+        for name, i in delta._index.items():
+            delta.diffs[i].data = values[name].float().clone()
+    return delta
+
+
+def make_delta(method: str, module: nn.Module, rank: int, seed: int, device=None) -> WeightDelta:
+    if method == "lora":
+        g = torch.Generator().manual_seed(int(seed))
+        return LoraDelta(lora_target_shapes(module), rank=rank, generator=g, device=device)
+    if method == "full":
+        return FullDelta(full_target_shapes(module), device=device)
+    raise ValueError(f"unknown fine-tune method {method!r}; use one of {METHODS}")

@@ -1,0 +1,341 @@
+"""The standalone path: Imagic on a diffusers Stable Diffusion folder, no ComfyUI needed.
+
+    from imagic import ImagicPipeline
+    pipe = ImagicPipeline.from_pretrained("path/to/stable-diffusion-v1-5")
+    result = pipe.train("dog.jpg", "a photo of a sitting dog")
+    images = pipe.sample(result, etas=[0.6, 0.7, 0.8])
+
+SD 1.x, SD 2.x (epsilon and v-prediction, read from the scheduler config), SDXL (two text
+encoders, pooled vector and size conditioning) and pixel-space models without a VAE (the toy
+model) are supported.
+"""
+from __future__ import annotations
+
+import json
+import math
+from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .deltas import WeightDelta
+from .objective import Conditioning
+from .results import ImagicResult
+from .train import ImagicError, ProgressFn, CancelFn, finetune, interpolate, optimize_embedding
+
+# Defaults of the standalone path and the nodes; see README ("Defaults") for how they were chosen.
+DEFAULTS = dict(
+    embedding_steps=500, lr_embedding=2e-3,
+    finetune_steps=500, lr_finetune_lora=1e-4, lr_finetune_full=5e-7,
+    method="lora", rank=4, seed=0, noise_samples=1,
+    sample_steps=50, guidance=7.5, eta=0.7,
+)
+# The paper's Stable Diffusion settings, reachable with these values.
+PAPER_PRESET = dict(embedding_steps=1000, lr_embedding=2e-3, finetune_steps=1500, lr_finetune=5e-7, method="full")
+
+REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+
+
+class _AddDelta(nn.Module):
+    """weight -> weight + delta(name): the base weight is read, never written."""
+
+    def __init__(self, delta: WeightDelta, name: str):
+        super().__init__()
+        self.delta, self.name = [delta], name  # a list, so the delta is not registered as a submodule
+
+    def forward(self, weight):
+        return weight + self.delta[0].delta(self.name).to(weight.dtype)
+
+
+class DiffusersDenoiser:
+    """The ``Denoiser`` adapter for a diffusers UNet and its DDPM noise schedule."""
+
+    def __init__(self, unet, scheduler, time_ids: Optional[torch.Tensor] = None,
+                 autocast_dtype: Optional[torch.dtype] = None):
+        self.unet = unet.requires_grad_(False)
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ImagicError(f"scheduler prediction_type {self.prediction_type!r} is not supported "
+                              "(expected 'epsilon' or 'v_prediction')")
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        self.time_ids = time_ids
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.unet.parameters()).dtype
+
+    def sample_timesteps(self, n, generator):
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
+
+    def alpha_sigma(self, t):
+        ac = self.alphas_cumprod[t.cpu().long()]
+        return ac.sqrt().float().to(self.device), (1 - ac).sqrt().float().to(self.device)
+
+    def predict(self, x_t, t, cond):
+        kwargs = {}
+        if "pooled" in cond:
+            n = x_t.shape[0]
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond["pooled"].to(self.dtype),
+                                           "time_ids": self.time_ids.to(self.device, self.dtype).expand(n, -1)}
+        ac = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext())
+        with ac:
+            return self.unet(x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=cond["context"].to(self.dtype),
+                             return_dict=False, **kwargs)[0]
+
+    def trainable_module(self):
+        return self.unet
+
+    @contextmanager
+    def attach(self, delta: Optional[WeightDelta]):
+        """Compute with weight + delta inside the block; the UNet is exactly as before afterwards."""
+        if delta is None:
+            yield
+            return
+        touched = []
+        try:
+            for name in delta.names():
+                module_name, tensor_name = name.rsplit(".", 1)
+                module = self.unet.get_submodule(module_name)
+                parametrize.register_parametrization(module, tensor_name, _AddDelta(delta, name), unsafe=True)
+                touched.append((module, tensor_name))
+            yield
+        finally:
+            for module, tensor_name in reversed(touched):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+
+
+def _check_model_folder(path: Path) -> dict:
+    index_file = path / "model_index.json"
+    if not path.is_dir() or not index_file.is_file():
+        raise ImagicError(f"{path} is not a diffusers Stable Diffusion folder (no model_index.json). Point --model "
+                          "at a folder saved with save_pretrained(), with unet/, text_encoder/, tokenizer/ and scheduler/.")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ImagicError(f"{index_file} is not valid JSON: {e}") from None
+    missing = [c for c in REQUIRED_COMPONENTS if not (isinstance(index.get(c), list) and index[c][0])]
+    if missing:
+        raise ImagicError(f"{path} is not a Stable Diffusion model: model_index.json lacks {', '.join(missing)}")
+    return index
+
+
+class ImagicPipeline:
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, text_encoder_2=None, tokenizer_2=None,
+                 autocast_dtype=None):
+        self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.scheduler, self.vae = scheduler, vae
+        self.autocast_dtype = autocast_dtype
+        for m in (unet, text_encoder, vae, text_encoder_2):
+            if m is not None:
+                m.requires_grad_(False).eval()
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.size_multiple = self.vae_factor * 2 ** (len(unet.config.down_block_types) - 1)
+        sample_size = unet.config.sample_size
+        self.default_size = (sample_size if isinstance(sample_size, int) else max(sample_size)) * self.vae_factor
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, model: Union[str, Path], device: Optional[str] = None,
+                        dtype: Optional[torch.dtype] = None, autocast_dtype: Optional[torch.dtype] = None):
+        """Load a local diffusers folder (or a hub id where the machine has internet). Safetensors only."""
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or torch.float32
+        path = Path(model)
+        if path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+            index = _check_model_folder(path)
+            local = True
+        else:
+            index, local = None, False  # a hub id: diffusers checks it
+        kw = dict(local_files_only=local, use_safetensors=True)
+
+        def has(c):
+            return index is None and c in ("vae",) or index is not None and isinstance(index.get(c), list) and index[c][0]
+
+        try:
+            unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kw)
+            text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype, **kw)
+            tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer", local_files_only=local)
+            scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler", local_files_only=local)
+            vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kw) if has("vae") else None
+            te2 = tok2 = None
+            if has("text_encoder_2"):
+                te2 = CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", torch_dtype=dtype, **kw)
+                tok2 = AutoTokenizer.from_pretrained(model, subfolder="tokenizer_2", local_files_only=local)
+        except ImagicError:
+            raise
+        except Exception as e:  # diffusers/transformers raise many types for missing or broken files
+            raise ImagicError(f"could not load the model from {model}: {type(e).__name__}: {e}") from None
+        pipe = cls(unet.to(device), text_encoder.to(device), tokenizer, scheduler,
+                   vae.to(device) if vae is not None else None,
+                   te2.to(device) if te2 is not None else None, tok2, autocast_dtype=autocast_dtype)
+        return pipe
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+    @property
+    def is_sdxl(self):
+        return self.text_encoder_2 is not None
+
+    # ---------------------------------------------------------------- inputs
+    def working_size(self, width: int, height: int, size: Optional[int] = None) -> Tuple[int, int]:
+        """Keep the aspect ratio, long side ``size``, both sides multiples of what the model needs."""
+        long_side = int(size or self.default_size)
+        m = self.size_multiple
+        if long_side < m:
+            raise ImagicError(f"size {long_side} is too small: this model needs at least {m} pixels")
+        scale = long_side / max(width, height)
+        return (max(m, int(round(width * scale / m)) * m), max(m, int(round(height * scale / m)) * m))
+
+    def load_image(self, image: Union[str, Path, Image.Image], size: Optional[int] = None) -> Image.Image:
+        if not isinstance(image, Image.Image):
+            path = Path(image)
+            if not path.is_file():
+                raise ImagicError(f"image not found: {path}")
+            try:
+                image = Image.open(path)
+                image.load()
+            except (UnidentifiedImageError, OSError) as e:
+                raise ImagicError(f"{path} is not an image that can be read ({e})") from None
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        w, h = self.working_size(*image.size, size)
+        return image.resize((w, h), Image.LANCZOS)
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        x = x.to(self.device, self.unet.dtype)
+        if self.vae is None:
+            return x.float()
+        # The mean, not a sample: the input photo should map to one deterministic latent.
+        latent = self.vae.encode(x).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((latent - shift) * self.vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> List[Image.Image]:
+        if self.vae is not None:
+            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+            latents = self.vae.decode((latents / self.vae.config.scaling_factor + shift).to(self.vae.dtype)).sample
+        arr = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
+
+    @torch.no_grad()
+    def encode_text(self, text: str) -> Conditioning:
+        def ids(tok, t):
+            return tok(t, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids.to(self.device)
+
+        if not self.is_sdxl:
+            return {"context": self.text_encoder(ids(self.tokenizer, text))[0].float()}
+        # SDXL: penultimate hidden states of both encoders side by side, pooled vector from the second.
+        h1 = self.text_encoder(ids(self.tokenizer, text), output_hidden_states=True).hidden_states[-2]
+        out2 = self.text_encoder_2(ids(self.tokenizer_2, text), output_hidden_states=True)
+        return {"context": torch.cat([h1, out2.hidden_states[-2]], dim=-1).float(), "pooled": out2.text_embeds.float()}
+
+    def denoiser(self, width: int, height: int) -> DiffusersDenoiser:
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32) if self.is_sdxl else None
+        return DiffusersDenoiser(self.unet, self.scheduler, time_ids=time_ids, autocast_dtype=self.autocast_dtype)
+
+    # ---------------------------------------------------------------- Imagic
+    def train(self, image, target_text: str, *, embedding_steps: int = DEFAULTS["embedding_steps"],
+              finetune_steps: int = DEFAULTS["finetune_steps"], lr_embedding: float = DEFAULTS["lr_embedding"],
+              lr_finetune: Optional[float] = None, method: str = DEFAULTS["method"], rank: int = DEFAULTS["rank"],
+              seed: int = DEFAULTS["seed"], size: Optional[int] = None, noise_samples: int = DEFAULTS["noise_samples"],
+              progress: Optional[Callable[[str], ProgressFn]] = None, cancel: Optional[CancelFn] = None) -> ImagicResult:
+        """Stages 1 and 2 on one image; ``progress(stage_name)`` may return a per-step callback."""
+        if not isinstance(target_text, str) or not target_text.strip():
+            raise ImagicError("the target text is empty: describe the edited image, e.g. 'a photo of a sitting dog'")
+        if lr_finetune is None:
+            lr_finetune = DEFAULTS["lr_finetune_lora"] if method == "lora" else DEFAULTS["lr_finetune_full"]
+        img = self.load_image(image, size)
+        x0 = self.encode_image(img)
+        e_tgt = self.encode_text(target_text)
+        den = self.denoiser(*img.size)
+        cb = progress or (lambda stage: None)
+        e_opt, loss_emb = optimize_embedding(den, x0, e_tgt, steps=embedding_steps, lr=lr_embedding, seed=seed,
+                                             noise_samples=noise_samples, progress=cb("embedding"), cancel=cancel)
+        delta, loss_ft = finetune(den, x0, e_opt, steps=finetune_steps, lr=lr_finetune, method=method, rank=rank,
+                                  seed=seed, noise_samples=noise_samples, progress=cb("finetune"), cancel=cancel)
+        settings = dict(target_text=target_text, width=img.size[0], height=img.size[1],
+                        embedding_steps=embedding_steps, lr_embedding=lr_embedding, finetune_steps=finetune_steps,
+                        lr_finetune=lr_finetune, method=method, rank=rank, seed=seed, noise_samples=noise_samples,
+                        model_family="sdxl" if self.is_sdxl else "sd", prediction_type=den.prediction_type,
+                        loss_embedding=loss_emb, loss_finetune=loss_ft)
+        return ImagicResult(e_tgt=e_tgt, e_opt=e_opt, delta=delta, settings=settings)
+
+    def check_result(self, result: ImagicResult) -> None:
+        mine = self.encode_text("")
+        for k, v in result.e_tgt.items():
+            if k not in mine or mine[k].shape[1:] != v.shape[1:]:
+                raise ImagicError(f"this Imagic result was made with another model family: its {k!r} embedding has "
+                                  f"shape {tuple(v.shape)}, this model's is "
+                                  f"{tuple(mine[k].shape) if k in mine else 'absent'}")
+        if result.delta is not None:
+            shapes = dict(self.unet.named_parameters())
+            for name in result.delta.names():
+                if name not in shapes or shapes[name].shape != result.delta.delta(name).shape:
+                    raise ImagicError(f"this Imagic result's fine-tune does not fit this model's UNet ({name})")
+
+    @torch.no_grad()
+    def sample(self, result: ImagicResult, etas: Sequence[float] = (DEFAULTS["eta"],), *, seed: int = 0,
+               steps: int = DEFAULTS["sample_steps"], guidance: float = DEFAULTS["guidance"],
+               init_image=None, strength: Optional[float] = None, use_finetuned: bool = True,
+               progress: Optional[ProgressFn] = None) -> List[Image.Image]:
+        """One image per eta, all from the same starting noise, with the fine-tuned model.
+
+        ``init_image`` with ``strength`` in (0, 1] starts from the noised input (SDEdit) instead of
+        pure noise; the benchmark uses it as a baseline.
+        """
+        from diffusers import DDIMScheduler
+
+        self.check_result(result)
+        conds = [interpolate(result.e_tgt, result.e_opt, eta) for eta in etas]
+        width, height = int(result.settings["width"]), int(result.settings["height"])
+        den = self.denoiser(width, height)
+        uncond = self.encode_text("")
+        batch = len(conds)
+        cond = {k: torch.cat([uncond[k].expand(batch, *uncond[k].shape[1:])] + [c[k] for c in conds]).to(self.device)
+                for k in uncond}
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        timesteps = scheduler.timesteps
+        channels = self.unet.config.in_channels
+        g = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn((1, channels, height // self.vae_factor, width // self.vae_factor), generator=g)
+        noise = noise.to(self.device).expand(batch, -1, -1, -1)
+        if init_image is not None:
+            if strength is None or not 0 < strength <= 1:
+                raise ImagicError(f"strength must be in (0, 1] when starting from an image, got {strength}")
+            x0 = self.encode_image(self.load_image(init_image, max(width, height)).resize((width, height)))
+            start = len(timesteps) - int(round(strength * len(timesteps)))
+            timesteps = timesteps[start:]
+            latents = scheduler.add_noise(x0.expand(batch, -1, -1, -1), noise, timesteps[:1].repeat(batch))
+        else:
+            latents = noise * scheduler.init_noise_sigma
+        delta = result.delta.to(self.device) if (use_finetuned and result.delta is not None) else None
+        with den.attach(delta), parametrize.cached():
+            for i, t in enumerate(timesteps):
+                x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+                out = den.predict(x_in, t.expand(2 * batch), cond).float()
+                out_u, out_c = out.chunk(2)
+                latents = scheduler.step(out_u + guidance * (out_c - out_u), t, latents).prev_sample
+                if progress is not None:
+                    progress(i + 1, len(timesteps), float("nan"))
+        return self.decode(latents)
