@@ -1,0 +1,239 @@
+"""The Imagic core on a tiny random diffusers model: objective, both stages, interpolation, results."""
+import math
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from imagic import (ImagicCancelled, ImagicError, ImagicResult, denoising_loss, evaluate_objective, finetune,
+                    held_out_pairs, interpolate, load_result, optimize_embedding, run_training)
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_unchanged(module, before):
+    after = module.state_dict()
+    assert set(after) == set(before), "parameters were added or removed"
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"{k} changed"
+    assert all(p.grad is None for p in module.parameters()), "a model weight received a gradient"
+    assert not parametrize.is_parametrized(module)
+
+
+@pytest.fixture(scope="module")
+def case(pipe, photo):
+    img = pipe.load_image(photo, 16)
+    x0 = pipe.encode_image(img)
+    e_tgt = pipe.encode_text("a photo of a sitting dog")
+    den = pipe.denoiser(*img.size)
+    pairs = held_out_pairs(den, x0, count=24, seed=7)
+    return dict(x0=x0, e_tgt=e_tgt, den=den, pairs=pairs)
+
+
+@pytest.fixture(scope="module")
+def stage1(case):
+    e_opt, losses = optimize_embedding(case["den"], case["x0"], case["e_tgt"], steps=60, lr=3e-2, seed=0,
+                                       noise_samples=4)
+    return e_opt, losses
+
+
+# ----------------------------------------------------------------------------- objective
+class LinearDenoiser:
+    """A model whose output we can compute by hand: 0.5 * x_t + mean(context)."""
+
+    def __init__(self, prediction_type):
+        self.prediction_type = prediction_type
+
+    def sample_timesteps(self, n, generator):
+        return torch.rand(n, generator=generator)
+
+    def alpha_sigma(self, t):
+        return torch.cos(t), torch.sin(t)
+
+    def predict(self, x_t, t, cond):
+        return 0.5 * x_t + cond["context"].mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("ptype", ["epsilon", "v_prediction", "flow"])
+def test_objective_matches_hand_computed_loss_on_a_known_model(ptype):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 2, 3, 3, generator=g)
+    noise = torch.randn(3, 2, 3, 3, generator=g)
+    t = torch.tensor([0.1, 0.7, 1.3])
+    cond = {"context": torch.full((1, 4, 5), 0.25)}
+    den = LinearDenoiser(ptype)
+    if ptype == "flow":
+        den.alpha_sigma = lambda t: (1 - t, t)
+    a, s = den.alpha_sigma(t)
+    a, s = a.view(-1, 1, 1, 1), s.view(-1, 1, 1, 1)
+    x_t = a * x0 + s * noise
+    pred = 0.5 * x_t + 0.25
+    target = {"epsilon": noise, "v_prediction": a * noise - s * x0, "flow": noise - x0}[ptype]
+    expected = ((pred - target) ** 2).mean()
+    assert denoising_loss(den, x0, cond, noise, t).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("which", ["epsilon", "v_prediction"])
+def test_objective_on_the_real_unet_is_the_models_own_loss(which, pipe, tiny_vpred_dir):
+    from imagic.pipeline import ImagicPipeline
+
+    p = pipe if which == "epsilon" else ImagicPipeline.from_pretrained(tiny_vpred_dir, device="cpu")
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([10, 900])
+    cond = p.encode_text("a red car")
+    den = p.denoiser(16, 16)
+    assert den.prediction_type == which
+    ac = p.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+    x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+    with torch.no_grad():
+        out = p.unet(x_t, t, encoder_hidden_states=cond["context"].expand(2, -1, -1)).sample
+        target = noise if which == "epsilon" else ac.sqrt() * noise - (1 - ac).sqrt() * x0
+        expected = ((out - target) ** 2).mean().item()
+        got = denoising_loss(den, x0, cond, noise, t).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- stages
+def test_stage1_lowers_held_out_objective_and_leaves_model_untouched(pipe, case):
+    before = snapshot(pipe.unet)
+    e_opt, losses = optimize_embedding(case["den"], case["x0"], case["e_tgt"], steps=60, lr=3e-2, seed=0,
+                                       noise_samples=4)
+    base = evaluate_objective(case["den"], case["x0"], case["e_tgt"], case["pairs"])
+    fitted = evaluate_objective(case["den"], case["x0"], e_opt, case["pairs"])
+    assert fitted < base * 0.99, (base, fitted)
+    assert len(losses) == 60
+    assert_unchanged(pipe.unet, before)
+    assert not torch.equal(e_opt["context"], case["e_tgt"]["context"])
+
+
+@pytest.mark.parametrize("method,lr", [("lora", 1e-2), ("full", 1e-3)])
+def test_stage2_lowers_objective_further_and_never_mutates_the_model(pipe, case, stage1, method, lr):
+    e_opt, _ = stage1
+    before = snapshot(pipe.unet)
+    stage1_value = evaluate_objective(case["den"], case["x0"], e_opt, case["pairs"])
+    delta, losses = finetune(case["den"], case["x0"], e_opt, steps=25, lr=lr, method=method, seed=0,
+                             noise_samples=4)
+    assert_unchanged(pipe.unet, before)
+    with case["den"].attach(delta):
+        tuned = evaluate_objective(case["den"], case["x0"], e_opt, case["pairs"])
+    assert tuned < 0.8 * stage1_value, (stage1_value, tuned)
+    assert_unchanged(pipe.unet, before)
+    assert delta.method == method and len(losses) == 25
+
+
+def test_zero_steps_skip_a_stage_and_negative_steps_are_an_error(case):
+    e_opt, losses = optimize_embedding(case["den"], case["x0"], case["e_tgt"], steps=0, lr=1e-3)
+    assert losses == [] and torch.equal(e_opt["context"], case["e_tgt"]["context"])
+    delta, losses = finetune(case["den"], case["x0"], e_opt, steps=0, lr=1e-3)
+    assert delta is None and losses == []
+    with pytest.raises(ImagicError, match="0 \\(skip this stage\\) or more"):
+        optimize_embedding(case["den"], case["x0"], case["e_tgt"], steps=-1, lr=1e-3)
+    with pytest.raises(ImagicError, match="fine-tune steps"):
+        finetune(case["den"], case["x0"], e_opt, steps=-5, lr=1e-3)
+
+
+def test_same_seed_gives_identical_e_opt_and_lora(case):
+    def run(seed):
+        e_opt, _ = optimize_embedding(case["den"], case["x0"], case["e_tgt"], steps=5, lr=1e-2, seed=seed)
+        delta, _ = finetune(case["den"], case["x0"], e_opt, steps=5, lr=1e-2, seed=seed)
+        return e_opt, delta.to_state_dict()
+
+    (e1, d1), (e2, d2), (e3, d3) = run(3), run(3), run(4)
+    assert torch.equal(e1["context"], e2["context"])
+    assert d1.keys() == d2.keys() and all(torch.equal(d1[k], d2[k]) for k in d1)
+    assert not torch.equal(e1["context"], e3["context"])
+
+
+def test_cancel_stops_training_and_leaves_the_model_as_it_was(pipe, case, stage1):
+    before = snapshot(pipe.unet)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(ImagicCancelled, match="at step 3"):
+        finetune(case["den"], case["x0"], stage1[0], steps=50, lr=1e-2, cancel=cancel)
+    assert_unchanged(pipe.unet, before)
+
+
+def test_non_finite_loss_stops_with_advice_to_lower_the_learning_rate():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ImagicError, match="Lower the learning rate"):
+        run_training([p], lambda: (p * float("nan")).sum(), steps=3, lr=1.0, stage="test")
+    assert torch.equal(p.detach(), torch.zeros(2)), "a NaN step must not reach the parameters"
+
+
+def test_bad_latent_and_conditioning_get_clear_errors(case):
+    den, x0, e = case["den"], case["x0"], case["e_tgt"]
+    with pytest.raises(ImagicError, match="batch of 2 images"):
+        optimize_embedding(den, x0.repeat(2, 1, 1, 1), e, steps=1, lr=1e-3)
+    with pytest.raises(ImagicError, match="NaN"):
+        optimize_embedding(den, x0, {"context": e["context"] * float("nan")}, steps=1, lr=1e-3)
+    with pytest.raises(ImagicError, match="empty"):
+        optimize_embedding(den, x0, {}, steps=1, lr=1e-3)
+
+
+# ----------------------------------------------------------------------------- interpolation
+def test_interpolate_endpoints_are_exact_and_midpoint_is_linear():
+    g = torch.Generator().manual_seed(0)
+    e_tgt = {"context": torch.randn(1, 4, 8, generator=g), "pooled": torch.randn(1, 8, generator=g)}
+    e_opt = {k: v + torch.randn(v.shape, generator=g) for k, v in e_tgt.items()}
+    for k in e_tgt:
+        assert torch.equal(interpolate(e_tgt, e_opt, 0.0)[k], e_opt[k])
+        assert torch.equal(interpolate(e_tgt, e_opt, 1)[k], e_tgt[k])
+        assert torch.allclose(interpolate(e_tgt, e_opt, 0.5)[k], (e_tgt[k] + e_opt[k]) / 2, atol=1e-6)
+        assert torch.allclose(interpolate(e_tgt, e_opt, 2.0)[k], 2 * e_tgt[k] - e_opt[k], atol=1e-5)
+    assert torch.equal(interpolate(e_tgt["pooled"], e_opt["pooled"], 0), e_opt["pooled"])
+
+
+def test_interpolate_rejects_mismatched_shapes_and_non_numbers():
+    with pytest.raises(ImagicError, match=r"shape \(1, 77, 768\).*\(1, 154, 768\)"):
+        interpolate({"context": torch.zeros(1, 77, 768)}, {"context": torch.zeros(1, 154, 768)}, 0.5)
+    with pytest.raises(ImagicError, match="different parts"):
+        interpolate({"context": torch.zeros(1, 2, 3)}, {"context": torch.zeros(1, 2, 3), "pooled": torch.zeros(1, 3)}, 0.5)
+    with pytest.raises(ImagicError, match="eta must be a number"):
+        interpolate(torch.zeros(1), torch.zeros(1), "high")
+    with pytest.raises(ImagicError, match="finite"):
+        interpolate(torch.zeros(1), torch.zeros(1), math.nan)
+
+
+# ----------------------------------------------------------------------------- results
+def test_save_load_and_resample_reproduce_the_same_image(pipe, photo, tmp_path):
+    result = pipe.train(photo, "a photo of a sitting dog", embedding_steps=5, finetune_steps=5, size=16,
+                        lr_finetune=1e-2)
+    first = pipe.sample(result, [0.0, 0.7], seed=5, steps=4)
+    path = result.save(tmp_path / "r.safetensors")
+    loaded = load_result(path)
+    assert loaded.settings["target_text"] == "a photo of a sitting dog"
+    assert loaded.delta.to_state_dict().keys() == result.delta.to_state_dict().keys()
+    again = pipe.sample(loaded, [0.0, 0.7], seed=5, steps=4)
+    import numpy as np
+
+    for a, b in zip(first, again):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1])), "eta should change the image"
+
+
+def test_loading_a_broken_or_foreign_file_says_what_is_wrong(tmp_path):
+    from safetensors.torch import save_file
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x80\x04not a safetensors file")
+    with pytest.raises(ImagicError, match="not a readable safetensors file"):
+        load_result(junk)
+    foreign = tmp_path / "lora.safetensors"
+    save_file({"x": torch.zeros(1)}, foreign)
+    with pytest.raises(ImagicError, match="not an Imagic result"):
+        load_result(foreign)
+    with pytest.raises(ImagicError, match="not found"):
+        load_result(tmp_path / "missing.safetensors")
+
+
+def test_result_from_another_model_family_is_refused(pipe):
+    wide = {"context": torch.zeros(1, 16, 2048)}
+    with pytest.raises(ImagicError, match="another model family"):
+        pipe.sample(ImagicResult(e_tgt=wide, e_opt=wide, settings={"width": 16, "height": 16}), [0.5], steps=1)
