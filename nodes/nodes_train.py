@@ -1,0 +1,128 @@
+"""Imagic stages 1 and 2 as nodes: Optimize Embedding and Fine-tune UNet."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..imagic import finetune, optimize_embedding
+from ..imagic.defaults import DEFAULTS
+from .host_adapter import (ComfyDenoiser, NodeProgress, check_family, latent_for, lora_patched_model,
+                           run_cancellable, single_conditioning)
+
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+def _prepare(model, conditioning, latent, what):
+    tensor, extra = single_conditioning(conditioning, what)
+    check_family(model, tensor, what)
+    h, w = latent["samples"].shape[-2:]
+    # SDXL's size conditioning is in pixels; the host's SD/SDXL latents are 8x downscaled.
+    return tensor, extra, ComfyDenoiser(model, extra, int(extra.get("width", w * 8)), int(extra.get("height", h * 8)))
+
+
+def _embedding(den, tensor, extra):
+    """The conditioning as the core sees it; the pooled vector only where the model uses it (SDXL)."""
+    e = {"context": tensor.clone().float().to(den.device)}
+    pooled = extra.get("pooled_output")
+    if pooled is not None:
+        pooled = pooled.clone().float().to(den.device)
+        if den.uses_pooled(pooled):
+            e["pooled"] = pooled
+    return e
+
+
+def _common_inputs(cond_tooltip, steps_default, lr_default, lr_tooltip):
+    return [
+        io.Model.Input("model", tooltip="The Stable Diffusion model (SD1.x, SD2.x, SDXL), with any LoRA or patches "
+                                        "already applied: Imagic trains on the model exactly as the sampler sees it."),
+        io.Conditioning.Input("conditioning", tooltip=cond_tooltip),
+        io.Latent.Input("latent", tooltip="The photo to edit, from VAE Encode (one image)."),
+        io.Int.Input("steps", default=steps_default, min=0, max=100000,
+                     tooltip="Adam steps. 0 skips this stage (an ablation)."),
+        io.Float.Input("learning_rate", default=lr_default, min=1e-9, max=1.0, step=1e-7, round=False,
+                       tooltip=lr_tooltip),
+        io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
+                     tooltip="Seed of the training noise (and of the LoRA initialization): same seed, same result."),
+    ]
+
+
+class ImagicOptimizeEmbedding(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ImagicOptimizeEmbedding",
+            display_name="Imagic Optimize Embedding",
+            category="Imagic",
+            description="Imagic stage 1: starting from the target text embedding (e_tgt), find the embedding "
+                        "(e_opt) that best reconstructs the photo under the frozen model, with the model's own "
+                        "denoising loss. The model is not changed.",
+            inputs=_common_inputs("The target text (e.g. 'a photo of a sitting dog') from CLIP Text Encode: e_tgt.",
+                                  DEFAULTS["embedding_steps"], DEFAULTS["lr_embedding"],
+                                  "Adam learning rate for the embedding (paper: 2e-3)."),
+            outputs=[
+                io.Conditioning.Output("optimized", tooltip="e_opt: same structure and keys as the input."),
+                io.LossMap.Output("loss", tooltip="Loss per step, for the Plot Loss Graph node."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, conditioning, latent, steps, learning_rate, seed) -> io.NodeOutput:
+        tensor, extra, den = _prepare(model, conditioning, latent, "the conditioning")
+        progress = NodeProgress(max(steps, 1), cls.hidden.unique_id, "embedding")
+        with den.loaded():
+            x0 = latent_for(model, latent).to(den.device)
+            e_tgt = _embedding(den, tensor, extra)
+            e_opt, losses = run_cancellable(lambda: optimize_embedding(
+                den, x0, e_tgt, steps=steps, lr=learning_rate, seed=seed, progress=progress, cancel=progress.cancel))
+        out_extra = dict(extra)
+        if "pooled" in e_opt:
+            out_extra["pooled_output"] = e_opt["pooled"].cpu().to(extra["pooled_output"].dtype)
+        return io.NodeOutput([[e_opt["context"].cpu().to(tensor.dtype), out_extra]], {"loss": losses})
+
+
+class ImagicFinetuneUNet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ImagicFinetuneUNet",
+            display_name="Imagic Fine-tune UNet",
+            category="Imagic",
+            description="Imagic stage 2: with the optimized embedding frozen, fine-tune the model (LoRA or all "
+                        "weights) so that e_opt reconstructs the photo faithfully. Returns a patched copy: the "
+                        "input MODEL is never changed.",
+            inputs=_common_inputs("The optimized embedding e_opt from Imagic Optimize Embedding.",
+                                  DEFAULTS["finetune_steps"], DEFAULTS["lr_finetune_lora"],
+                                  "Adam learning rate (LoRA: 1e-4; full fine-tune as in the paper: 5e-7).") + [
+                io.Combo.Input("method", options=["lora", "full"], default="lora",
+                               tooltip="lora: low-rank adapters on every linear and conv layer (fast, small). "
+                                       "full: all weights (the paper's setting, slow and large)."),
+                io.Int.Input("rank", default=DEFAULTS["rank"], min=1, max=256, tooltip="LoRA rank (ignored by full)."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute activations in the backward pass: much less memory, a bit slower."),
+            ],
+            outputs=[
+                io.Model.Output("finetuned_model", display_name="model", tooltip="The fine-tuned model: a patched clone of the input MODEL."),
+                io.LoraModel.Output("lora", tooltip="The trained delta, for the stock Save LoRA node."),
+                io.LossMap.Output("loss", tooltip="Loss per step, for the Plot Loss Graph node."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, conditioning, latent, steps, learning_rate, seed, method, rank,
+                gradient_checkpointing) -> io.NodeOutput:
+        tensor, extra, den = _prepare(model, conditioning, latent, "the optimized conditioning")
+        if steps == 0:
+            return io.NodeOutput(model.clone(), {}, {"loss": []})
+        progress = NodeProgress(steps, cls.hidden.unique_id, f"fine-tune ({method})")
+        with den.loaded(gradient_checkpointing):
+            x0 = latent_for(model, latent).to(den.device)
+            e_opt = _embedding(den, tensor, extra)
+            delta, losses = run_cancellable(lambda: finetune(
+                den, x0, e_opt, steps=steps, lr=learning_rate, method=method, rank=rank, seed=seed,
+                progress=progress, cancel=progress.cancel))
+        with torch.inference_mode(False):
+            delta = delta.cpu()
+        patched, lora_sd = lora_patched_model(model, delta)
+        return io.NodeOutput(patched, lora_sd, {"loss": losses})
