@@ -60,7 +60,7 @@ def save_result(result: ImagicResult, path) -> Path:
     tensors = {}
     for part, cond in (("e_tgt", result.e_tgt), ("e_opt", result.e_opt)):
         for k, v in cond.items():
-            tensors[f"{part}.{k}"] = v.detach().contiguous().cpu()
+            tensors[f"{part}.{k}"] = v.detach().cpu().clone().contiguous()  # clone: e_tgt and e_opt may share storage
     if result.delta is not None:
         for k, v in result.delta.to_state_dict().items():
             tensors[f"delta.{k}"] = v.contiguous().cpu()

@@ -20,6 +20,11 @@ def _prepare(model, conditioning, latent, what):
     return tensor, extra, ComfyDenoiser(model, extra, int(extra.get("width", w * 8)), int(extra.get("height", h * 8)))
 
 
+def _node_id(cls):
+    # Set by the executor; absent when a node is called directly (scripts, tests).
+    return getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) is not None else None
+
+
 def _embedding(den, tensor, extra):
     """The conditioning as the core sees it; the pooled vector only where the model uses it (SDXL)."""
     e = {"context": tensor.clone().float().to(den.device)}
@@ -69,7 +74,7 @@ class ImagicOptimizeEmbedding(io.ComfyNode):
     @classmethod
     def execute(cls, model, conditioning, latent, steps, learning_rate, seed) -> io.NodeOutput:
         tensor, extra, den = _prepare(model, conditioning, latent, "the conditioning")
-        progress = NodeProgress(max(steps, 1), cls.hidden.unique_id, "embedding")
+        progress = NodeProgress(max(steps, 1), _node_id(cls), "embedding")
         with den.loaded():
             x0 = latent_for(model, latent).to(den.device)
             e_tgt = _embedding(den, tensor, extra)
@@ -115,7 +120,7 @@ class ImagicFinetuneUNet(io.ComfyNode):
         tensor, extra, den = _prepare(model, conditioning, latent, "the optimized conditioning")
         if steps == 0:
             return io.NodeOutput(model.clone(), {}, {"loss": []})
-        progress = NodeProgress(steps, cls.hidden.unique_id, f"fine-tune ({method})")
+        progress = NodeProgress(steps, _node_id(cls), f"fine-tune ({method})")
         with den.loaded(gradient_checkpointing):
             x0 = latent_for(model, latent).to(den.device)
             e_opt = _embedding(den, tensor, extra)

@@ -1,0 +1,257 @@
+"""The Imagic nodes inside a real ComfyUI host (skipped without one; see conftest.py)."""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+NODE_IDS = ["ImagicOptimizeEmbedding", "ImagicFinetuneUNet", "ImagicInterpolateConditioning", "ImagicEtaSweep",
+            "ImagicSaveEmbedding", "ImagicLoadEmbedding"]
+TEXT = "a photo of a sitting dog"
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    ids = comfy.load_pack()
+    missing = [i for i in NODE_IDS if i not in comfy.nodes.NODE_CLASS_MAPPINGS]
+    assert not missing, f"pack did not register {missing} (import failed? registered: {ids})"
+    mod = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["ImagicOptimizeEmbedding"].__module__]
+    pkg = mod.__name__.rsplit(".", 2)[0]  # <pack>.nodes.nodes_train -> <pack>
+    return dict(host_adapter=sys.modules[pkg + ".nodes.host_adapter"], imagic=sys.modules[pkg + ".imagic"],
+                classes={i: comfy.nodes.NODE_CLASS_MAPPINGS[i] for i in NODE_IDS})
+
+
+def photo_pixels(h=64, w=64):
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x / w, y / h, np.full_like(x, 0.3, dtype=float)], -1)
+    img[16:40, 20:44] = [0.95, 0.9, 0.1]
+    return torch.from_numpy(img).float()[None]
+
+
+@pytest.fixture(scope="module")
+def loaded(comfy, pack, sd15_ckpt):
+    """MODEL, CLIP, VAE of the tiny SD1.5 checkpoint, loaded as the host's loaders do."""
+    nodes = comfy.nodes
+    with torch.inference_mode():
+        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(sd15_ckpt)[:3]
+        target = nodes.CLIPTextEncode().encode(clip, TEXT)[0]
+        empty = nodes.CLIPTextEncode().encode(clip, "")[0]
+        latent = nodes.VAEEncode().encode(vae, photo_pixels())[0]
+    return dict(model=model, clip=clip, vae=vae, target=target, empty=empty, latent=latent)
+
+
+def call(node_cls, **kw):
+    """Call a node as the executor does: under inference mode, outputs as a tuple."""
+    with torch.inference_mode():
+        return node_cls.execute(**kw).args
+
+
+def objective(pack, model, cond, latent, count=24):
+    """The core objective on fixed held-out (noise, sigma) pairs, measured through the host."""
+    HA, imagic = pack["host_adapter"], pack["imagic"]
+    tensor, extra = cond[0]
+    h, w = latent["samples"].shape[-2:]
+    den = HA.ComfyDenoiser(model, extra, w * 8, h * 8)
+    with den.loaded():
+        x0 = HA.latent_for(model, latent).to(den.device)
+        pairs = imagic.held_out_pairs(den, x0, count=count, seed=11)
+        return imagic.evaluate_objective(den, x0, {"context": tensor.clone().float()}, pairs)
+
+
+def sample(comfy, model, positive, negative, latent, seed=3):
+    with torch.inference_mode():
+        return comfy.nodes.common_ksampler(model, seed, 3, 5.0, "euler", "normal", positive, negative,
+                                           {"samples": torch.zeros_like(latent["samples"])})[0]["samples"].clone()
+
+
+def graph(ckpt, eta=0.7, emb_steps=5, ft_steps=5, method="lora", text=TEXT, batch=1):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+        "5": {"class_type": "ImagicOptimizeEmbedding",
+              "inputs": {"model": ["1", 0], "conditioning": ["2", 0], "latent": ["4", 0], "steps": emb_steps,
+                         "learning_rate": 0.01, "seed": 0}},
+        "6": {"class_type": "ImagicFinetuneUNet",
+              "inputs": {"model": ["1", 0], "conditioning": ["5", 0], "latent": ["4", 0], "steps": ft_steps,
+                         "learning_rate": 0.001, "seed": 0, "method": method, "rank": 4,
+                         "gradient_checkpointing": True}},
+        "7": {"class_type": "ImagicInterpolateConditioning",
+              "inputs": {"target": ["2", 0], "optimized": ["5", 0], "eta": eta}},
+        "8": {"class_type": "KSampler",
+              "inputs": {"model": ["6", 0], "positive": ["7", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+                         "seed": 0, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+                         "denoise": 1.0}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "imagic_test"}},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+def test_pack_registers_every_node_through_the_hosts_loader(pack, comfy):
+    for node_id in NODE_IDS:
+        schema = pack["classes"][node_id].GET_SCHEMA()
+        assert schema.category == "Imagic" and schema.description
+        assert all(i.tooltip for i in schema.inputs), f"{node_id}: every input needs a tooltip"
+
+
+def test_imagic_graph_runs_and_changing_eta_reruns_only_interpolate_onwards(comfy, pack, sd15_ckpt):
+    comfy.reset_executor()
+    first = comfy.run_prompt(graph(sd15_ckpt, eta=0.7), check=True)
+    assert {"5", "6", "7", "8"} <= set(first.executed)
+    image = first.image_paths("10")
+    assert image and image[0].is_file()
+    second = comfy.run_prompt(graph(sd15_ckpt, eta=0.9), check=True)
+    assert "5" not in second.executed and "6" not in second.executed, second.executed
+    assert {"7", "8", "9", "10"} <= set(second.executed)
+
+
+def test_stages_lower_the_objective_and_the_base_model_is_untouched(comfy, pack, loaded):
+    C = pack["classes"]
+    model, target, latent = loaded["model"], loaded["target"], loaded["latent"]
+    state = {k: v.clone() for k, v in model.model.state_dict().items()}
+    before = sample(comfy, model, target, loaded["empty"], latent)
+
+    base = objective(pack, model, target, latent)
+    e_opt, loss1 = call(C["ImagicOptimizeEmbedding"], model=model, conditioning=target, latent=latent, steps=40,
+                        learning_rate=0.02, seed=0)
+    stage1 = objective(pack, model, e_opt, latent)
+    tuned, lora, loss2 = call(C["ImagicFinetuneUNet"], model=model, conditioning=e_opt, latent=latent, steps=30,
+                              learning_rate=3e-3, seed=0, method="lora", rank=4, gradient_checkpointing=True)
+    stage2 = objective(pack, tuned, e_opt, latent)
+    assert stage1 < base, (base, stage1)
+    assert stage2 < 0.9 * stage1, (stage1, stage2)
+    assert len(loss1["loss"]) == 40 and len(loss2["loss"]) == 30
+    assert set(e_opt[0][1]) == set(target[0][1]), "e_opt keeps the conditioning's dict keys"
+
+    for k, v in model.model.state_dict().items():
+        assert torch.equal(v, state[k]), f"base weight {k} changed"
+    after = sample(comfy, model, target, loaded["empty"], latent)
+    assert torch.equal(before, after), "the base MODEL must sample exactly as before training"
+    assert not torch.equal(sample(comfy, tuned, target, loaded["empty"], latent), before)
+
+
+def test_full_finetune_lowers_the_objective_too(comfy, pack, loaded):
+    C = pack["classes"]
+    e_opt = loaded["target"]
+    start = objective(pack, loaded["model"], e_opt, loaded["latent"])
+    tuned, diff, _ = call(C["ImagicFinetuneUNet"], model=loaded["model"], conditioning=e_opt, latent=loaded["latent"],
+                          steps=15, learning_rate=1e-4, seed=0, method="full", rank=4, gradient_checkpointing=False)
+    assert any(k.endswith(".diff") for k in diff)
+    assert objective(pack, tuned, e_opt, loaded["latent"]) < 0.9 * start
+
+
+def test_saved_lora_loads_with_stock_loader_and_predicts_like_the_node_model(comfy, pack, loaded, caplog):
+    C, nodes = pack["classes"], comfy.nodes
+    tuned, lora, _ = call(C["ImagicFinetuneUNet"], model=loaded["model"], conditioning=loaded["target"],
+                          latent=loaded["latent"], steps=8, learning_rate=3e-3, seed=1, method="lora", rank=4,
+                          gradient_checkpointing=False)
+    save_cls = nodes.NODE_CLASS_MAPPINGS["SaveLoRANode"]
+    with torch.inference_mode():
+        save_cls().save(lora, "loras/imagic_test")
+    saved = sorted((comfy.dirs["output"] / "loras").glob("imagic_test_*.safetensors"))[-1]
+    shutil.copy(saved, comfy.dirs["loras"] / saved.name)  # what a user does: move it into models/loras
+    comfy.folder_paths.filename_list_cache.clear()
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        stock = nodes.LoraLoaderModelOnly().load_lora_model_only(loaded["model"], saved.name, 1.0)[0]
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    a = sample(comfy, tuned, loaded["target"], loaded["empty"], loaded["latent"])
+    b = sample(comfy, stock, loaded["target"], loaded["empty"], loaded["latent"])
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_save_and_load_embedding_round_trip(comfy, pack, loaded):
+    C = pack["classes"]
+    e_opt, _ = call(C["ImagicOptimizeEmbedding"], model=loaded["model"], conditioning=loaded["target"],
+                    latent=loaded["latent"], steps=3, learning_rate=0.01, seed=0)
+    with torch.inference_mode():
+        C["ImagicSaveEmbedding"].execute(target=loaded["target"], optimized=e_opt, filename_prefix="roundtrip")
+    comfy.folder_paths.filename_list_cache.clear()
+    tgt, opt = call(C["ImagicLoadEmbedding"], embedding="roundtrip.safetensors", model=loaded["model"])
+    assert torch.equal(tgt[0][0], loaded["target"][0][0]) and torch.equal(opt[0][0], e_opt[0][0])
+
+
+def test_eta_sweep_gives_one_conditioning_per_eta_with_exact_endpoints(pack, loaded):
+    C = pack["classes"]
+    e_opt = [[loaded["target"][0][0] + 1.0, dict(loaded["target"][0][1])]]
+    (conds,) = call(C["ImagicEtaSweep"], target=loaded["target"], optimized=e_opt, etas="0, 0.5, 1")
+    assert len(conds) == 3
+    assert torch.equal(conds[0][0][0], e_opt[0][0]) and torch.equal(conds[2][0][0], loaded["target"][0][0])
+    assert C["ImagicEtaSweep"].validate_inputs(etas="0.5, high") != True  # noqa: E712
+
+
+def test_eta_sweep_graph_samples_once_per_eta(comfy, pack, sd15_ckpt):
+    p = graph(sd15_ckpt, emb_steps=2, ft_steps=2)
+    p["7"] = {"class_type": "ImagicEtaSweep", "inputs": {"target": ["2", 0], "optimized": ["5", 0],
+                                                        "etas": "0.5, 0.8, 1.0"}}
+    r = comfy.run_prompt(p, check=True)
+    assert len(r.image_paths("10")) == 3
+
+
+# -------------------------------------------------------------------------------------- errors
+def error_of(result):
+    assert not result.success
+    return result.error.get("exception_message", "")
+
+
+def test_conditioning_with_several_entries_is_refused(comfy, pack, sd15_ckpt):
+    p = graph(sd15_ckpt)
+    p["11"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["2", 0], "conditioning_2": ["3", 0]}}
+    p["5"]["inputs"]["conditioning"] = ["11", 0]
+    assert "has 2 entries" in error_of(comfy.run_prompt(p))
+
+
+def test_latent_batch_is_refused_with_how_to_pick_one(comfy, pack, sd15_ckpt):
+    msg = error_of(comfy.run_prompt(graph(sd15_ckpt, batch=2)))
+    assert "batch of 2" in msg and "Latent From Batch" in msg
+
+
+def test_target_and_optimized_of_different_token_lengths_are_refused(comfy, pack, sd15_ckpt):
+    p = graph(sd15_ckpt, emb_steps=1, ft_steps=1)
+    p["12"] = {"class_type": "CLIPTextEncode", "inputs": {"text": " ".join(["dog"] * 100), "clip": ["1", 1]}}
+    p["7"]["inputs"]["target"] = ["12", 0]
+    assert "cannot interpolate" in error_of(comfy.run_prompt(p))
+
+
+def test_conditioning_of_another_model_family_is_refused(pack, loaded):
+    wide = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
+    with pytest.raises(Exception, match="2048 wide but this MODEL expects 768"):
+        call(pack["classes"]["ImagicOptimizeEmbedding"], model=loaded["model"], conditioning=wide,
+             latent=loaded["latent"], steps=1, learning_rate=0.01, seed=0)
+
+
+def test_exploding_training_stops_with_advice(pack, loaded):
+    with pytest.raises(Exception, match="Lower the learning rate"):
+        call(pack["classes"]["ImagicFinetuneUNet"], model=loaded["model"], conditioning=loaded["target"],
+             latent=loaded["latent"], steps=30, learning_rate=1.0, seed=0, method="full", rank=4,
+             gradient_checkpointing=False)
+
+
+def test_unreadable_embedding_file_is_refused(comfy, pack):
+    (comfy.dirs["imagic"] / "broken.safetensors").write_bytes(b"not safetensors at all")
+    comfy.folder_paths.filename_list_cache.clear()
+    with pytest.raises(Exception, match="not a readable safetensors file"):
+        call(pack["classes"]["ImagicLoadEmbedding"], embedding="broken.safetensors")
+
+
+def test_cancel_stops_training_unpatched_and_caches_nothing(comfy, pack, sd15_ckpt, loaded):
+    comfy.reset_executor()
+    p = graph(sd15_ckpt, emb_steps=2, ft_steps=200)
+
+    def cancel_in_finetune(node_id, value, total):
+        if node_id == "6" and value >= 2:
+            comfy.interrupt()
+
+    r = comfy.run_prompt(p, progress_callback=cancel_in_finetune)
+    assert not r.success and r.error is not None
+    steps_seen = [d["value"] for d in r.progress if d.get("node") == "6"]
+    assert max(steps_seen) <= 3, "training must stop within one step of Cancel"
+    # Nothing half-trained was cached: the next run trains node 6 again (and only reuses stage 1).
+    p["6"]["inputs"]["steps"] = 2
+    again = comfy.run_prompt(p, check=True)
+    assert "6" in again.executed and "5" not in again.executed
