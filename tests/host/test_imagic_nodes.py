@@ -255,3 +255,39 @@ def test_cancel_stops_training_unpatched_and_caches_nothing(comfy, pack, sd15_ck
     p["6"]["inputs"]["steps"] = 2
     again = comfy.run_prompt(p, check=True)
     assert "6" in again.executed and "5" not in again.executed
+
+
+# ------------------------------------------------------------------------------ other families
+def _family_case(comfy, ckpt, size):
+    nodes = comfy.nodes
+    with torch.inference_mode():
+        model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt)[:3]
+        target = nodes.CLIPTextEncode().encode(clip, TEXT)[0]
+        latent = nodes.VAEEncode().encode(vae, photo_pixels(size, size))[0]
+    return model, target, latent
+
+
+def test_sd2_v_prediction_trains_on_the_v_objective(comfy, pack, sd2v_ckpt):
+    model, target, latent = _family_case(comfy, sd2v_ckpt, 64)
+    C, HA = pack["classes"], pack["host_adapter"]
+    assert HA.ComfyDenoiser(model, {}, 64, 64).prediction_type == "v_prediction"
+    base = objective(pack, model, target, latent, count=12)
+    e_opt, _ = call(C["ImagicOptimizeEmbedding"], model=model, conditioning=target, latent=latent, steps=25,
+                    learning_rate=0.02, seed=0)
+    tuned, _, _ = call(C["ImagicFinetuneUNet"], model=model, conditioning=e_opt, latent=latent, steps=20,
+                       learning_rate=3e-3, seed=0, method="lora", rank=4, gradient_checkpointing=True)
+    stage1 = objective(pack, model, e_opt, latent, count=12)
+    assert stage1 < base and objective(pack, tuned, e_opt, latent, count=12) < 0.9 * stage1
+
+
+def test_sdxl_optimizes_the_pooled_vector_with_size_conditioning(comfy, pack, sdxl_ckpt):
+    model, target, latent = _family_case(comfy, sdxl_ckpt, 64)
+    C = pack["classes"]
+    assert target[0][0].shape[-1] == 2048
+    e_opt, loss = call(C["ImagicOptimizeEmbedding"], model=model, conditioning=target, latent=latent, steps=15,
+                       learning_rate=0.02, seed=0)
+    assert not torch.equal(e_opt[0][1]["pooled_output"], target[0][1]["pooled_output"]), "pooled must be optimized"
+    assert e_opt[0][1]["pooled_output"].shape == target[0][1]["pooled_output"].shape
+    tuned, lora, loss2 = call(C["ImagicFinetuneUNet"], model=model, conditioning=e_opt, latent=latent, steps=6,
+                              learning_rate=3e-3, seed=0, method="lora", rank=4, gradient_checkpointing=True)
+    assert np.mean(loss2["loss"][-3:]) < np.mean(loss2["loss"][:3]) * 1.5 and lora
