@@ -48,8 +48,9 @@ class DiffusersDenoiser:
     """The ``Denoiser`` adapter for a diffusers UNet and its DDPM noise schedule."""
 
     def __init__(self, unet, scheduler, time_ids: Optional[torch.Tensor] = None,
-                 autocast_dtype: Optional[torch.dtype] = None):
+                 autocast_dtype: Optional[torch.dtype] = None, gradient_checkpointing: bool = False):
         self.unet = unet.requires_grad_(False)
+        self.gradient_checkpointing = gradient_checkpointing
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ImagicError(f"scheduler prediction_type {self.prediction_type!r} is not supported "
@@ -89,6 +90,19 @@ class DiffusersDenoiser:
         return self.unet
 
     @contextmanager
+    def training(self):
+        """Gradient checkpointing (when asked) for the duration of a training stage only."""
+        use = self.gradient_checkpointing and self.unet._supports_gradient_checkpointing
+        was = self.unet.is_gradient_checkpointing
+        if use and not was:
+            self.unet.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            if use and not was:
+                self.unet.disable_gradient_checkpointing()
+
+    @contextmanager
     def attach(self, delta: Optional[WeightDelta]):
         """Compute with weight + delta inside the block; the UNet is exactly as before afterwards."""
         if delta is None:
@@ -124,11 +138,16 @@ def _check_model_folder(path: Path) -> dict:
 
 class ImagicPipeline:
     def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, text_encoder_2=None, tokenizer_2=None,
-                 autocast_dtype=None):
+                 autocast_dtype=None, gradient_checkpointing: Optional[bool] = None):
         self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.scheduler, self.vae = scheduler, vae
+        on_cuda = next(unet.parameters()).is_cuda
+        # Mixed precision and checkpointing pay off on GPUs; on CPU both cost time (README, Performance).
+        if autocast_dtype == "auto":
+            autocast_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_cuda else None
         self.autocast_dtype = autocast_dtype
+        self.gradient_checkpointing = on_cuda if gradient_checkpointing is None else gradient_checkpointing
         for m in (unet, text_encoder, vae, text_encoder_2):
             if m is not None:
                 m.requires_grad_(False).eval()
@@ -140,7 +159,8 @@ class ImagicPipeline:
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, model: Union[str, Path], device: Optional[str] = None,
-                        dtype: Optional[torch.dtype] = None, autocast_dtype: Optional[torch.dtype] = None):
+                        dtype: Optional[torch.dtype] = None, autocast_dtype="auto",
+                        gradient_checkpointing: Optional[bool] = None):
         """Load a local diffusers folder (or a hub id where the machine has internet). Safetensors only."""
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -174,7 +194,8 @@ class ImagicPipeline:
             raise ImagicError(f"could not load the model from {model}: {type(e).__name__}: {e}") from None
         pipe = cls(unet.to(device), text_encoder.to(device), tokenizer, scheduler,
                    vae.to(device) if vae is not None else None,
-                   te2.to(device) if te2 is not None else None, tok2, autocast_dtype=autocast_dtype)
+                   te2.to(device) if te2 is not None else None, tok2, autocast_dtype=autocast_dtype,
+                   gradient_checkpointing=gradient_checkpointing)
         return pipe
 
     @property
@@ -243,7 +264,8 @@ class ImagicPipeline:
 
     def denoiser(self, width: int, height: int) -> DiffusersDenoiser:
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32) if self.is_sdxl else None
-        return DiffusersDenoiser(self.unet, self.scheduler, time_ids=time_ids, autocast_dtype=self.autocast_dtype)
+        return DiffusersDenoiser(self.unet, self.scheduler, time_ids=time_ids, autocast_dtype=self.autocast_dtype,
+                                 gradient_checkpointing=self.gradient_checkpointing)
 
     # ---------------------------------------------------------------- Imagic
     def train(self, image, target_text: str, *, embedding_steps: int = DEFAULTS["embedding_steps"],
@@ -261,10 +283,12 @@ class ImagicPipeline:
         e_tgt = self.encode_text(target_text)
         den = self.denoiser(*img.size)
         cb = progress or (lambda stage: None)
-        e_opt, loss_emb = optimize_embedding(den, x0, e_tgt, steps=embedding_steps, lr=lr_embedding, seed=seed,
-                                             noise_samples=noise_samples, progress=cb("embedding"), cancel=cancel)
-        delta, loss_ft = finetune(den, x0, e_opt, steps=finetune_steps, lr=lr_finetune, method=method, rank=rank,
-                                  seed=seed, noise_samples=noise_samples, progress=cb("finetune"), cancel=cancel)
+        with den.training():
+            e_opt, loss_emb = optimize_embedding(den, x0, e_tgt, steps=embedding_steps, lr=lr_embedding, seed=seed,
+                                                 noise_samples=noise_samples, progress=cb("embedding"), cancel=cancel)
+            delta, loss_ft = finetune(den, x0, e_opt, steps=finetune_steps, lr=lr_finetune, method=method,
+                                      rank=rank, seed=seed, noise_samples=noise_samples, progress=cb("finetune"),
+                                      cancel=cancel)
         settings = dict(target_text=target_text, width=img.size[0], height=img.size[1],
                         embedding_steps=embedding_steps, lr_embedding=lr_embedding, finetune_steps=finetune_steps,
                         lr_finetune=lr_finetune, method=method, rank=rank, seed=seed, noise_samples=noise_samples,

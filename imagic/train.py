@@ -63,7 +63,7 @@ def check_latent(x0: torch.Tensor) -> None:
 
 def run_training(params: Iterable[nn.Parameter], loss_fn: Callable[[], torch.Tensor], steps: int, lr: float,
                  stage: str, progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
-                 optimizer: str = "adam") -> List[float]:
+                 adam: str = "fast") -> List[float]:
     """Adam on ``params`` for ``steps`` steps of ``loss_fn``; the loss of each step is returned.
 
     Cancel is checked before every step, and a non-finite loss stops the run before it can
@@ -72,7 +72,9 @@ def run_training(params: Iterable[nn.Parameter], loss_fn: Callable[[], torch.Ten
     params = [p for p in params]
     if lr <= 0 or not math.isfinite(lr):
         raise ImagicError(f"{stage}: learning rate must be a positive number, got {lr}")
-    opt = torch.optim.Adam(params, lr=lr, **_fast_adam_kwargs(params))
+    if adam not in ADAM_KINDS:
+        raise ImagicError(f"adam must be one of {ADAM_KINDS}, got {adam!r}")
+    opt = torch.optim.Adam(params, lr=lr, **(_fast_adam_kwargs(params) if adam == "fast" else {"foreach": False}))
     losses: List[float] = []
     for step in range(steps):
         if cancel is not None and cancel():
@@ -89,6 +91,9 @@ def run_training(params: Iterable[nn.Parameter], loss_fn: Callable[[], torch.Ten
         if progress is not None:
             progress(step + 1, steps, value)
     return losses
+
+
+ADAM_KINDS = ("fast", "plain")  # fast: fused on CUDA, foreach elsewhere; plain: one tensor at a time
 
 
 def _fast_adam_kwargs(params: List[torch.Tensor]) -> dict:
@@ -110,7 +115,7 @@ def _loss_closure(denoiser: Denoiser, x0: torch.Tensor, cond_fn, noise_samples: 
 
 def optimize_embedding(denoiser: Denoiser, x0: torch.Tensor, e_tgt: Conditioning, *, steps: int, lr: float,
                        seed: int = 0, noise_samples: int = 1, progress: Optional[ProgressFn] = None,
-                       cancel: Optional[CancelFn] = None) -> Tuple[Conditioning, List[float]]:
+                       cancel: Optional[CancelFn] = None, adam: str = "fast") -> Tuple[Conditioning, List[float]]:
     """Stage 1: e_opt, the embedding that best reconstructs x0 under the frozen model.
 
     Every tensor of the conditioning is optimized (for SDXL that includes the pooled vector).
@@ -123,13 +128,13 @@ def optimize_embedding(denoiser: Denoiser, x0: torch.Tensor, e_tgt: Conditioning
     losses: List[float] = []
     if steps:
         loss_fn = _loss_closure(denoiser, x0, lambda: e_opt, noise_samples, seed)
-        losses = run_training(e_opt.values(), loss_fn, steps, lr, "embedding optimization", progress, cancel)
+        losses = run_training(e_opt.values(), loss_fn, steps, lr, "embedding optimization", progress, cancel, adam)
     return {k: v.detach().to(e_tgt[k].dtype) for k, v in e_opt.items()}, losses
 
 
 def finetune(denoiser: Denoiser, x0: torch.Tensor, e_opt: Conditioning, *, steps: int, lr: float,
              method: str = "lora", rank: int = 4, seed: int = 0, noise_samples: int = 1,
-             progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None
+             progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None, adam: str = "fast"
              ) -> Tuple[Optional[WeightDelta], List[float]]:
     """Stage 2: a weight delta with which the model reconstructs x0 from the frozen e_opt.
 
@@ -147,7 +152,8 @@ def finetune(denoiser: Denoiser, x0: torch.Tensor, e_opt: Conditioning, *, steps
     frozen = {k: v.detach() for k, v in e_opt.items()}
     loss_fn = _loss_closure(denoiser, x0, lambda: frozen, noise_samples, seed)
     with denoiser.attach(delta):
-        losses = run_training(delta.parameters(), loss_fn, steps, lr, f"fine-tuning ({method})", progress, cancel)
+        losses = run_training(delta.parameters(), loss_fn, steps, lr, f"fine-tuning ({method})", progress, cancel,
+                              adam)
     return delta.requires_grad_(False), losses
 
 
