@@ -291,3 +291,20 @@ def test_sdxl_optimizes_the_pooled_vector_with_size_conditioning(comfy, pack, sd
     tuned, lora, loss2 = call(C["ImagicFinetuneUNet"], model=model, conditioning=e_opt, latent=latent, steps=6,
                               learning_rate=3e-3, seed=0, method="lora", rank=4, gradient_checkpointing=True)
     assert np.mean(loss2["loss"][-3:]) < np.mean(loss2["loss"][:3]) * 1.5 and lora
+
+
+def test_training_sees_an_upstream_lora_and_keeps_it(comfy, pack, loaded):
+    """A LoRA loaded before the Imagic nodes is part of the model they train on and return."""
+    C, nodes = pack["classes"], comfy.nodes
+    _, lora, _ = call(C["ImagicFinetuneUNet"], model=loaded["model"], conditioning=loaded["target"],
+                      latent=loaded["latent"], steps=5, learning_rate=1e-2, seed=2, method="lora", rank=4,
+                      gradient_checkpointing=False)
+    with torch.inference_mode():
+        upstream = nodes.NODE_CLASS_MAPPINGS["LoraModelLoader"]().load_lora_model(loaded["model"], lora, 1.0)[0]
+    assert objective(pack, upstream, loaded["target"], loaded["latent"]) != pytest.approx(
+        objective(pack, loaded["model"], loaded["target"], loaded["latent"]), rel=1e-6)
+    tuned, _, _ = call(C["ImagicFinetuneUNet"], model=upstream, conditioning=loaded["target"],
+                       latent=loaded["latent"], steps=2, learning_rate=1e-3, seed=0, method="lora", rank=4,
+                       gradient_checkpointing=False)
+    assert set(upstream.patches) <= set(tuned.patches)
+    assert all(len(tuned.patches[k]) == len(upstream.patches[k]) + 1 for k in upstream.patches)
