@@ -1,0 +1,199 @@
+"""The shipped workflows in ComfyUI's real web frontend (see conftest.py for what is needed).
+
+For every ``workflows/*.json``:
+- it is dropped on the canvas as a user drags the file in, and the frontend reports no missing
+  node types, no dialog or toast, no broken link, no invalid widget value, and gives back the
+  file's widget values (frontend.Frontend.load);
+- the frontend's ``app.graphToPrompt()`` output is accepted by the backend's ``POST /prompt``
+  validation (200, no node_errors). The prompt is then taken off the queue (or interrupted):
+  only validation is tested here. The model files the workflows name exist in the server's
+  folders (the tiny SD1.5 checkpoint under every checkpoint name, empty placeholders for
+  other models, a small PNG for input pictures), so the workflows are tested unchanged.
+
+The basic SD1.5 workflow is also run from the page: tiny checkpoint, a 64x64 uploaded
+picture, 64x64 latents, 2 + 2 training steps and 2 sampler steps set through the graph's
+widgets, the Run button, and the saved picture must appear in the page's Queue panel.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import urllib.parse
+
+import pytest
+
+from . import comfy_server, frontend
+
+WORKFLOWS = comfy_server.workflow_files()
+RUN_TIMEOUT_S = 900          # 2 cores shared with other jobs: the tiny run took 15 s to 80 s
+
+
+def _ids(paths):
+    return [p.stem for p in paths]
+
+
+def test_workflows_exist():
+    assert WORKFLOWS, f"no workflows in {comfy_server.REPO_ROOT / 'workflows'}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
+def test_workflow_loads_cleanly(app_page, path):
+    wf = frontend.read_workflow(path)
+    report = app_page.load(wf, path.stem)
+    assert report.checks["nodes"] == len(wf["nodes"])
+    assert not report.problems, (f"{path.name} in the frontend:\n  " + "\n  ".join(report.problems))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=_ids(WORKFLOWS))
+def test_workflow_prompt_validates(app_page, server, path):
+    """graphToPrompt() of the loaded workflow passes the backend's validation."""
+    wf = frontend.read_workflow(path)
+    app_page.load(wf, path.stem)     # problems of loading are test_workflow_loads_cleanly's
+    prompt = app_page.graph_to_prompt()["output"]
+    active = {str(n["id"]) for n in wf["nodes"]
+              if n.get("mode", 0) == 0 and n["type"] not in ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")}
+    assert set(prompt) == active, f"graphToPrompt nodes {sorted(prompt)} != active nodes {sorted(active)}"
+    server.wait_idle()
+    status, body = server.post_json("/prompt", {"prompt": prompt, "client_id": "imagic-browser-test"})
+    try:
+        assert status == 200 and not (body or {}).get("node_errors"), \
+            f"POST /prompt: {status} {body}"
+    finally:
+        if status == 200 and isinstance(body, dict) and body.get("prompt_id"):
+            server.cancel(body["prompt_id"])
+            server.wait_idle()
+
+
+def _basic_workflow():
+    for p in WORKFLOWS:
+        if "basic" in p.stem and "sd15" in p.stem:
+            return p
+    return None
+
+
+def test_basic_workflow_runs_from_the_page(fresh_page, server, tmp_path):
+    path = _basic_workflow()
+    if path is None:
+        pytest.skip("no workflows/*basic*sd15*.json")
+    fe = fresh_page
+    wf = frontend.read_workflow(path)
+
+    picture = comfy_server.tiny_png(tmp_path / "imagic_browser_input.png", 64)
+    uploaded = server.upload_image(picture)["name"]
+
+    fe.load(wf, path.stem)
+    fe.close_messages()
+    fe.refresh_combos()            # the uploaded picture in LoadImage's list
+    small = {
+        "CheckpointLoaderSimple": {"ckpt_name": comfy_server.TINY_CKPT},
+        "LoadImage": {"image": uploaded},
+        "ImageScale": {"width": 64, "height": 64},
+        "EmptyLatentImage": {"width": 64, "height": 64},
+        "ImagicOptimizeEmbedding": {"steps": 2},
+        "ImagicFinetuneUNet": {"steps": 2},
+        "KSampler": {"steps": 2},
+    }
+    for node_type, values in small.items():
+        assert fe.set_widgets_by_type(node_type, **values), f"{path.name} has no {node_type}"
+
+    prompt = fe.graph_to_prompt()["output"]
+    saves = {k: v["inputs"]["filename_prefix"] for k, v in prompt.items() if v["class_type"] == "SaveImage"}
+    assert saves, "no SaveImage in the prompt"
+    subfolder, _, stem = next(iter(saves.values())).rpartition("/")
+
+    server.wait_idle()
+    before = set(server.get_json("/history"))
+    t0 = time.perf_counter()
+    fe.click_run()
+    fe.open_queue_panel()
+
+    found, run_id = None, None
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for src in fe.output_images():
+            q = urllib.parse.parse_qs(urllib.parse.urlparse(src).query)
+            if q.get("filename", [""])[0].startswith(stem + "_") and q.get("subfolder", [""])[0] == subfolder:
+                found = src
+        if found:
+            break
+        new = [k for k in server.get_json("/history") if k not in before]
+        if new:
+            run_id = new[0]
+            st = server.get_json(f"/history/{run_id}")[run_id].get("status", {})
+            if st.get("status_str") == "error":
+                pytest.fail(f"the run failed: {st.get('messages')}\n{server.log_tail()}")
+        ui = fe.ui_messages()
+        if ui["dialogs"]:
+            pytest.fail(f"the page shows a dialog while running: {ui['dialogs']}")
+        fe.page.wait_for_timeout(1000)
+    elapsed = time.perf_counter() - t0
+    assert found, (f"no picture {subfolder}/{stem}_*.png in the page after {RUN_TIMEOUT_S} s; "
+                   f"pictures shown: {fe.output_images()}\n{server.log_tail()}")
+
+    # The picture the page shows is the one the run saved: a 64x64 PNG served by /view.
+    from PIL import Image
+    path_q = urllib.parse.urlparse(found)
+    status, data = server.request(path_q.path + "?" + path_q.query)
+    assert status == 200
+    assert Image.open(io.BytesIO(data)).size == (64, 64)
+    saved = server.base / "output" / subfolder
+    assert any(p.name.startswith(stem + "_") for p in saved.glob("*.png"))
+    print(f"\n{path.name}: queued with the Run button, picture in the page after {elapsed:.1f} s: {found}")
+
+
+# ----------------------------------------------------------------------------- the checks' own test
+# Each corruption of the basic workflow must be caught by Frontend.load, so that a clean report
+# above means something.
+
+def _corrupt_unknown_type(wf):
+    n = next(n for n in wf["nodes"] if n["type"] == "ImagicInterpolateConditioning")
+    n["type"] = "ImagicNoSuchNode"
+    return "missing node type: ImagicNoSuchNode"
+
+
+def _corrupt_combo(wf):
+    n = next(n for n in wf["nodes"] if n["type"] == "KSampler")
+    n["widgets_values"][4] = "no_such_sampler"
+    return "not one of its"
+
+
+def _corrupt_widget_count(wf):
+    n = next(n for n in wf["nodes"] if n["type"] == "ImagicOptimizeEmbedding")
+    n["widgets_values"] = n["widgets_values"][1:]
+    return "serialized:"
+
+
+def _corrupt_link(wf):
+    # Point the link into KSampler.positive at KSampler.latent_image instead (file only).
+    ks = next(n for n in wf["nodes"] if n["type"] == "KSampler")
+    pos = next(i for i in ks["inputs"] if i["name"] == "positive")
+    link = next(l for l in wf["links"] if l[0] == pos["link"])
+    link[4] = next(k for k, i in enumerate(ks["inputs"]) if i["name"] == "latent_image")
+    return ""   # any problem (a toast of the frontend's link repair, or a link check)
+
+
+def _corrupt_null_id(wf):
+    # "id": null as the file's first key: the frontend's schema wants a string, and its drop
+    # handler (app.isApiJson reads .class_type of every top-level value) throws on the null,
+    # so nothing loads (frontend 1.27.10).
+    rest = dict(wf)
+    wf.clear()
+    wf.update({"id": None, **rest})
+    return "drag and drop"
+
+
+CORRUPTIONS = [_corrupt_unknown_type, _corrupt_combo, _corrupt_widget_count, _corrupt_link, _corrupt_null_id]
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=[c.__name__[9:] for c in CORRUPTIONS])
+def test_load_checks_catch_broken_workflows(app_page, corrupt):
+    path = _basic_workflow()
+    if path is None:
+        pytest.skip("no workflows/*basic*sd15*.json")
+    wf = frontend.read_workflow(path)
+    expect = corrupt(wf)
+    report = app_page.load(wf, f"broken_{path.stem}")
+    app_page.close_messages()
+    assert report.problems, f"{corrupt.__name__}: not caught"
+    assert any(expect in p for p in report.problems), report.problems
