@@ -238,7 +238,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "edit":
             written = run_edit(args)
         else:
-            from .toy.demo import run_demo
+            from .demo import run_demo
 
             written = run_demo(args)
     except ImagicError as e:
