@@ -82,7 +82,8 @@ class ImagicLoadEmbedding(io.ComfyNode):
                 io.Model.Input("model", optional=True,
                                tooltip="Optional: the model it will be used with, to check that it fits."),
             ],
-            outputs=[io.Conditioning.Output("target"), io.Conditioning.Output("optimized")],
+            outputs=[io.Conditioning.Output("target", display_name="target", tooltip="e_tgt, as saved."),
+                     io.Conditioning.Output("optimized", display_name="optimized", tooltip="e_opt, as saved.")],
         )
 
     @classmethod

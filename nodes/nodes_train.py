@@ -65,8 +65,8 @@ class ImagicOptimizeEmbedding(io.ComfyNode):
                                   DEFAULTS["embedding_steps"], DEFAULTS["lr_embedding"],
                                   "Adam learning rate for the embedding (paper: 2e-3)."),
             outputs=[
-                io.Conditioning.Output("optimized", tooltip="e_opt: same structure and keys as the input."),
-                io.LossMap.Output("loss", tooltip="Loss per step, for the Plot Loss Graph node."),
+                io.Conditioning.Output("optimized", display_name="optimized", tooltip="e_opt: same structure and keys as the input."),
+                io.LossMap.Output("loss", display_name="loss", tooltip="Loss per step, for the Plot Loss Graph node."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -108,8 +108,8 @@ class ImagicFinetuneUNet(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output("finetuned_model", display_name="model", tooltip="The fine-tuned model: a patched clone of the input MODEL."),
-                io.LoraModel.Output("lora", tooltip="The trained delta, for the stock Save LoRA node."),
-                io.LossMap.Output("loss", tooltip="Loss per step, for the Plot Loss Graph node."),
+                io.LoraModel.Output("lora", display_name="lora", tooltip="The trained delta, for the stock Save LoRA node."),
+                io.LossMap.Output("loss", display_name="loss", tooltip="Loss per step, for the Plot Loss Graph node."),
             ],
             hidden=[io.Hidden.unique_id],
         )
