@@ -237,3 +237,17 @@ def test_result_from_another_model_family_is_refused(pipe):
     wide = {"context": torch.zeros(1, 16, 2048)}
     with pytest.raises(ImagicError, match="another model family"):
         pipe.sample(ImagicResult(e_tgt=wide, e_opt=wide, settings={"width": 16, "height": 16}), [0.5], steps=1)
+
+
+def test_sdxl_folder_trains_the_pooled_vector_and_samples_at_the_photos_aspect(tmp_path, photo):
+    from tiny_models import save_tiny_sd
+
+    from imagic.pipeline import ImagicPipeline
+
+    p = ImagicPipeline.from_pretrained(save_tiny_sd(tmp_path / "xl", sdxl=True, seed=2), device="cpu")
+    assert p.is_sdxl
+    result = p.train(photo, "a photo of a red car", embedding_steps=4, finetune_steps=2, lr_embedding=5e-2, size=16)
+    assert set(result.e_opt) == {"context", "pooled"}
+    assert not torch.equal(result.e_opt["pooled"], result.e_tgt["pooled"]), "SDXL's pooled vector must be optimized"
+    (image,) = p.sample(result, [0.7], steps=2)
+    assert image.size == (16, 8)
