@@ -84,6 +84,23 @@ def skip_reason() -> str:
     return SKIP_REASON
 
 
+
+def _outside_event_loop(fn, *args, **kwargs):
+    """Call fn where no asyncio loop runs: a thread of its own if this one has a running loop.
+
+    The host's entry points call asyncio.run(); Playwright's sync API (tests/browser, same pytest
+    process) leaves a loop running in the main thread, where asyncio.run() refuses to start.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn(*args, **kwargs)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
 class HostNotFound(RuntimeError):
     pass
 
@@ -196,7 +213,7 @@ def import_host(tmp_dir: str | os.PathLike) -> Host:
     import comfy
     import comfy.utils
 
-    failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    failed = _outside_event_loop(asyncio.run, nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     comfy.utils.set_progress_bar_global_hook(_progress_hook)
 
     _HOST = Host(root=root, dirs=dirs, nodes=nodes, execution=execution, folder_paths=folder_paths,
@@ -247,7 +264,7 @@ def load_pack(pack_dir: str | os.PathLike = REPO_ROOT, *, strict: bool = True) -
     root_logger = logging.getLogger()
     root_logger.addHandler(cap)
     try:
-        ok = asyncio.run(nodes.load_custom_node(key))
+        ok = _outside_event_loop(asyncio.run, nodes.load_custom_node(key))
     finally:
         root_logger.removeHandler(cap)
     added = [k for k, v in nodes.NODE_CLASS_MAPPINGS.items() if before.get(k) is not v]
@@ -364,7 +381,7 @@ class HostSession:
                  partial_execution_list: list[str] | None = None) -> list[str]:
         """Run execution.validate_prompt; return the output node ids or raise PromptValidationError."""
         pid = prompt_id or str(uuid.uuid4())
-        ok, error, outputs, node_errors = asyncio.run(
+        ok, error, outputs, node_errors = _outside_event_loop(asyncio.run, 
             self.host.execution.validate_prompt(pid, prompt, partial_execution_list))
         if not ok or node_errors:
             raise PromptValidationError(error, node_errors)
@@ -388,7 +405,7 @@ class HostSession:
         server.progress_callback = progress_callback
         _ACTIVE_SERVER = server
         try:
-            self.executor.execute(prompt, prompt_id, {"client_id": "comfy-host-tests"}, execute_outputs)
+            _outside_event_loop(self.executor.execute, prompt, prompt_id, {"client_id": "comfy-host-tests"}, execute_outputs)
         finally:
             _ACTIVE_SERVER = None
             server.progress_callback = None
