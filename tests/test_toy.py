@@ -1,0 +1,132 @@
+"""Fast checks of the toy generator, tokenizer, shipped model and classifier."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imagic.toy import data, MODEL_DIR, CLASSIFIER_PATH
+
+
+def test_generator_is_deterministic_per_seed():
+    a, b = data.make_example(17), data.make_example(17)
+    assert a.image.dtype == np.uint8 and a.image.shape == (32, 32, 3)
+    assert np.array_equal(a.image, b.image)
+    assert a.attrs == b.attrs and a.details == b.details and a.caption == b.caption
+    imgs = [data.make_example(s).image for s in range(17, 27)]
+    assert all(not np.array_equal(imgs[0], im) for im in imgs[1:])
+
+
+def test_render_is_pure_function_of_attrs_and_details():
+    ex = data.make_example(3)
+    assert np.array_equal(data.render(ex.attrs, ex.details), ex.image)
+    # changing one attribute keeps the background (a corner far from the object)
+    other = dict(ex.attrs, colour=next(c for c in data.COLOURS if c != ex.attrs["colour"]))
+    edited = data.render(other, ex.details)
+    assert not np.array_equal(edited, ex.image)
+    corner = (slice(0, 2), slice(0, 2)) if ex.attrs["position"] == "right" else (slice(0, 2), slice(30, 32))
+    assert np.array_equal(edited[corner], ex.image[corner])
+
+
+def test_captions_match_attributes():
+    for s in range(200):
+        rng = np.random.default_rng(s)
+        attrs = data.sample_attributes(rng)
+        cap = data.caption(attrs)
+        assert data.parse_caption(cap) == attrs
+        assert all(w in data.VOCABULARY for w in cap.split())
+        for name, values in data.ATTRIBUTES.items():
+            assert attrs[name] in values and attrs[name] in cap.split()
+
+
+def test_splits_are_disjoint():
+    ranges = sorted(data.SPLITS.values())
+    assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+    assert data.split_of(data.split_seeds("test", 1)[0]) == "test"
+    assert len(data.all_attribute_combos()) == 3 * 4 * 2 * 2
+
+
+def test_labels_roundtrip():
+    ex = data.make_example(5)
+    assert data.labels_to_attrs(data.attrs_to_labels(ex.attrs)) == ex.attrs
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
+
+
+def test_tokenizer_one_token_per_word(tokenizer):
+    seen = set()
+    for w in data.VOCABULARY:
+        ids = tokenizer(w, add_special_tokens=False).input_ids
+        assert len(ids) == 1, (w, ids)
+        seen.add(ids[0])
+    assert len(seen) == len(data.VOCABULARY)
+    cap = "a large red circle on the left"
+    enc = tokenizer(cap, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+    assert len(enc.input_ids) == tokenizer.model_max_length
+    assert enc.input_ids[0] == tokenizer.bos_token_id and enc.input_ids[8] == tokenizer.eos_token_id
+    assert tokenizer.decode(enc.input_ids, skip_special_tokens=True) == cap
+
+
+def test_tokenizer_files_match_generator(tmp_path):
+    from imagic.toy.tokenizer import write_tokenizer
+
+    write_tokenizer(tmp_path)
+    for name in ("vocab.json", "merges.txt"):
+        assert (tmp_path / name).read_text() == (MODEL_DIR / "tokenizer" / name).read_text()
+
+
+def test_model_folder_layout_and_size():
+    index = json.loads((MODEL_DIR / "model_index.json").read_text())
+    assert index.get("vae", [None, None]) == [None, None]
+    for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        assert (MODEL_DIR / sub).is_dir()
+    files = [p for p in MODEL_DIR.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+
+
+def test_model_loads_and_forward_is_finite(tokenizer):
+    from imagic.toy.sample import load_components, encode_text
+
+    comp = load_components(MODEL_DIR)
+    unet, sched = comp["unet"], comp["scheduler"]
+    assert unet.config.sample_size == 32 and unet.config.in_channels == 3 and unet.config.out_channels == 3
+    assert sched.config.prediction_type == "epsilon" and sched.config.num_train_timesteps == 1000
+    emb = encode_text(comp, ["a small blue square on the right", ""])
+    assert emb.shape == (2, tokenizer.model_max_length, unet.config.cross_attention_dim)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = unet(x, torch.tensor([10, 900]), emb).sample
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_generate_smoke():
+    from imagic.toy.sample import generate
+
+    imgs = generate(MODEL_DIR, ["a large red circle on the left"] * 2, seed=0, steps=3, guidance=3.0)
+    assert imgs.shape == (2, 32, 32, 3) and imgs.dtype == np.uint8
+    again = generate(MODEL_DIR, ["a large red circle on the left"] * 2, seed=0, steps=3, guidance=3.0)
+    assert np.array_equal(imgs, again)
+
+
+def test_shipped_classifier_accuracy():
+    from imagic.toy.classifier import predict_attributes
+
+    assert CLASSIFIER_PATH.stat().st_size < 2 * 2**20
+    seeds = data.split_seeds("test", 300, offset=50_000)
+    images, labels, _ = data.make_dataset(seeds)
+    pred = predict_attributes(images)
+    for j, name in enumerate(data.ATTRIBUTE_NAMES):
+        acc = np.mean([p[name] == data.ATTRIBUTES[name][labels[i, j]] for i, p in enumerate(pred)])
+        assert acc >= 0.98, (name, acc)
+    # PIL input and a single image work too
+    from PIL import Image
+
+    assert predict_attributes(Image.fromarray(images[0]))[0] == pred[0]
