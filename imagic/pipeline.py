@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from .deltas import WeightDelta
@@ -44,13 +45,46 @@ class _AddDelta(nn.Module):
         return weight + self.delta[0].delta(self.name).to(weight.dtype)
 
 
+def _lora_side_branch(delta, i: int):
+    """Forward hook: out + scale * up(down(x)), the same function as the layer with weight + up @ down.
+
+    Why not merge: a merged weight is a full-size tensor per layer that autograd keeps for the
+    backward pass, i.e. one more copy of the whole UNet during training; the branch keeps only
+    rank-r activations and never forms a full-size weight or weight gradient.
+    """
+    def hook(module, args, out):
+        x = args[0]
+        down, up = delta.down[i].to(x.dtype), delta.up[i].to(x.dtype)
+        scale = delta.alpha / down.shape[0]
+        if isinstance(module, nn.Linear):
+            h = F.linear(F.linear(x, down), up)
+        else:  # LoCon: the down convolution takes the layer's geometry, up is 1x1
+            h = F.conv2d(F.conv2d(x, down, None, module.stride, module.padding, module.dilation), up)
+        return out + (h * scale).to(out.dtype)
+
+    return hook
+
+
+def _side_branch_ok(module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
 class DiffusersDenoiser:
-    """The ``Denoiser`` adapter for a diffusers UNet and its DDPM noise schedule."""
+    """The ``Denoiser`` adapter for a diffusers UNet and its DDPM noise schedule.
+
+    ``lora_side_branch`` (default): a LoRA delta runs beside each layer instead of being merged into
+    its weight; same function up to rounding, about one copy of the UNet less memory in training.
+    """
 
     def __init__(self, unet, scheduler, time_ids: Optional[torch.Tensor] = None,
-                 autocast_dtype: Optional[torch.dtype] = None, gradient_checkpointing: bool = False):
+                 autocast_dtype: Optional[torch.dtype] = None, gradient_checkpointing: bool = False,
+                 lora_side_branch: bool = True):
         self.unet = unet.requires_grad_(False)
         self.gradient_checkpointing = gradient_checkpointing
+        self.lora_side_branch = lora_side_branch
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ImagicError(f"scheduler prediction_type {self.prediction_type!r} is not supported "
@@ -108,15 +142,21 @@ class DiffusersDenoiser:
         if delta is None:
             yield
             return
-        touched = []
+        touched, hooks = [], []
         try:
             for name in delta.names():
                 module_name, tensor_name = name.rsplit(".", 1)
                 module = self.unet.get_submodule(module_name)
+                if (self.lora_side_branch and getattr(delta, "method", "") == "lora" and tensor_name == "weight"
+                        and _side_branch_ok(module)):
+                    hooks.append(module.register_forward_hook(_lora_side_branch(delta, delta._index[name])))
+                    continue
                 parametrize.register_parametrization(module, tensor_name, _AddDelta(delta, name), unsafe=True)
                 touched.append((module, tensor_name))
             yield
         finally:
+            for h in hooks:
+                h.remove()
             for module, tensor_name in reversed(touched):
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
 

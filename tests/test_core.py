@@ -124,6 +124,39 @@ def test_stage2_lowers_objective_further_and_never_mutates_the_model(pipe, case,
     assert delta.method == method and len(losses) == 25
 
 
+def test_lora_side_branch_is_the_merged_weight_function_with_gradients_only_on_the_lora(pipe, case, stage1):
+    """The diffusers adapter runs LoRA beside each layer (less memory); it must equal weight + up @ down."""
+    from imagic.deltas import make_delta
+
+    e_opt, _ = stage1
+    delta = make_delta("lora", pipe.unet, 4, seed=1)
+    with torch.no_grad():
+        for up in delta.up:  # up starts at zero; make the delta matter
+            up.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    den = case["den"]
+    noise, t = case["pairs"]
+    x_t = case["x0"] + noise[:4]
+    before = snapshot(pipe.unet)
+    outs = {}
+    for side in (True, False):
+        den.lora_side_branch = side
+        try:
+            with den.attach(delta):
+                out = den.predict(x_t, t[:4], {k: v.expand(4, *v.shape[1:]) for k, v in e_opt.items()})
+                out.square().mean().backward()
+        finally:
+            den.lora_side_branch = True
+        outs[side] = (out.detach(), [p.grad.clone() for p in delta.parameters()])
+        delta.zero_grad(set_to_none=True)
+    with torch.no_grad(), den.attach(None):
+        plain = den.predict(x_t, t[:4], {k: v.expand(4, *v.shape[1:]) for k, v in e_opt.items()})
+    assert not torch.allclose(outs[True][0], plain, atol=1e-4), "the LoRA must change the output"
+    torch.testing.assert_close(outs[True][0], outs[False][0], rtol=1e-4, atol=1e-5)
+    for g_side, g_merged in zip(outs[True][1], outs[False][1]):
+        torch.testing.assert_close(g_side, g_merged, rtol=1e-3, atol=1e-6)
+    assert_unchanged(pipe.unet, before)
+
+
 def test_zero_steps_skip_a_stage_and_negative_steps_are_an_error(case):
     e_opt, losses = optimize_embedding(case["den"], case["x0"], case["e_tgt"], steps=0, lr=1e-3)
     assert losses == [] and torch.equal(e_opt["context"], case["e_tgt"]["context"])
