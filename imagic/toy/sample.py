@@ -1,7 +1,8 @@
 """DDIM sampler with classifier-free guidance for the toy pixel-space model,
 and the quality gate: how often samples show the captioned attributes.
 
-    python -m imagic.toy.sample --model imagic/toy/model --guidance 3 5 --steps 50 --per-combo 4
+    python -m imagic.toy.sample                      # the gate at its settings (GATE)
+    python -m imagic.toy.sample --guidance 1 1.5 3   # other guidance values
 
 The gate generates ``per-combo`` samples for each of the 48 attribute
 combinations (captions from the template) with noise seeds the model never
@@ -20,6 +21,11 @@ import numpy as np
 import torch
 
 from . import data, MODEL_DIR
+
+# The sampler settings of the quality gate, shared by benchmarks/edit_quality.py and `imagic demo`:
+# the gate's figure is only meaningful at the settings the edits are sampled with.  DDIM, 25 steps;
+# guidance was chosen on the gate (this pixel-space v-prediction model over-saturates above ~2).
+GATE = dict(steps=25, guidance=1.5, per_combo=4, seed=1234)
 
 
 def load_components(model_dir=None) -> dict:
@@ -113,10 +119,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(MODEL_DIR))
     ap.add_argument("--classifier", default=None)
-    ap.add_argument("--guidance", type=float, nargs="+", default=[5.0])
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--per-combo", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--guidance", type=float, nargs="+", default=[GATE["guidance"]])
+    ap.add_argument("--steps", type=int, default=GATE["steps"])
+    ap.add_argument("--per-combo", type=int, default=GATE["per_combo"])
+    ap.add_argument("--seed", type=int, default=GATE["seed"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--grid", default=None, help="write a PNG grid per guidance value (prefix)")
     ap.add_argument("--json", default=None, help="append results as JSON lines")

@@ -1,6 +1,6 @@
 """Train the toy pixel-space text-to-image model and write it as a diffusers folder.
 
-    python -m imagic.toy.train_model --out imagic/toy/model --seed 0 --steps 1800
+    python -m imagic.toy.train_model --out imagic/toy/model --seed 0 --steps 3400 --threads 2
 
 Layout of the output folder (like a Stable Diffusion pipeline, minus the VAE):
 
@@ -8,7 +8,7 @@ Layout of the output folder (like a Stable Diffusion pipeline, minus the VAE):
     unet/              UNet2DConditionModel, 3 -> 3 channels, sample_size 32
     text_encoder/      CLIPTextModel (hidden size 64)
     tokenizer/         CLIPTokenizer, one token per vocabulary word, max length 77
-    scheduler/         DDIMScheduler config (epsilon, 1000 train steps, linear betas)
+    scheduler/         DDIMScheduler config (v_prediction, 1000 train steps, linear betas)
     imagic_toy.json    how it was trained (seed, steps, wall time, ...)
 
 Latents are pixels: ``x = image / 127.5 - 1`` in [-1, 1], shape [B, 3, 32, 32].
@@ -83,13 +83,13 @@ def text_config():
     )
 
 
-def scheduler_config() -> dict:
+def scheduler_config(prediction_type: str = "v_prediction") -> dict:
     return dict(
         num_train_timesteps=1000,
         beta_start=0.0001,
         beta_end=0.02,
         beta_schedule="linear",
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         clip_sample=True,
         clip_sample_range=1.0,
         set_alpha_to_one=False,
@@ -98,14 +98,14 @@ def scheduler_config() -> dict:
     )
 
 
-def build(seed: int):
+def build(seed: int, prediction_type: str = "v_prediction"):
     from diffusers import UNet2DConditionModel, DDIMScheduler
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config())
     text_encoder = CLIPTextModel(text_config())
-    scheduler = DDIMScheduler(**scheduler_config())
+    scheduler = DDIMScheduler(**scheduler_config(prediction_type))
     return unet, text_encoder, scheduler
 
 
@@ -164,15 +164,17 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
 
 
-def train(out_dir, seed: int = 0, steps: int = 1800, batch_size: int = 32, lr: float = 5e-4,
-          warmup: int = 100, p_uncond: float = 0.1, min_snr_gamma: float = 5.0,
-          snr_floor: float = 0.25, max_weight: float = 1000.0,
-          ema_decay: float = 0.995, threads: int = 1, minutes: float | None = None,
+def train(out_dir, seed: int = 0, steps: int = 3400, batch_size: int = 32, lr: float = 1e-3,
+          warmup: int = 100, p_uncond: float = 0.1, min_snr_gamma: float | None = None,
+          prediction_type: str = "v_prediction",
+          ema_decay: float = 0.995, threads: int = 2, minutes: float | None = None,
           log_every: int = 50) -> Path:
     from transformers import CLIPTokenizer
 
     torch.set_num_threads(threads)
-    unet, text_encoder, scheduler = build(seed)
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(prediction_type)
+    unet, text_encoder, scheduler = build(seed, prediction_type)
     write_tokenizer(Path(out_dir) / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(Path(out_dir) / "tokenizer")
     ids_of = CaptionIds(tokenizer)
@@ -194,14 +196,21 @@ def train(out_dir, seed: int = 0, steps: int = 1800, batch_size: int = 32, lr: f
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
     alphas_cumprod = scheduler.alphas_cumprod.float()
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    # Loss weight per timestep.  For epsilon targets, weight w(t) means the
-    # implied x0 error is weighted by lambda(t) = w(t) * snr(t).  Plain epsilon
-    # MSE has lambda = snr, which is ~0.01 at the high noise levels (t > 600)
-    # where the object's position is decided, so a model trained that way
-    # ignores "left"/"right".  We use lambda = clip(snr, snr_floor, min_snr_gamma):
-    # min-SNR-gamma at low noise, a floor at high noise (capped at max_weight).
-    lam = torch.clamp(snr, min=snr_floor, max=min_snr_gamma)
-    weight = torch.clamp(lam / snr, max=max_weight)
+    # Loss weight per timestep, written through lambda(t), the weight that the
+    # loss puts on the implied x0 error.  Epsilon MSE has lambda = snr: about
+    # 0.01 at the high noise levels (t > 600) where the object's position is
+    # decided, and two 1800-step epsilon models here ignored "left"/"right"
+    # (position at chance) while rendering colour and size perfectly.
+    # v-prediction MSE has lambda = 1 + snr: the same weight as epsilon at low
+    # noise (detail) and ~1 at high noise (layout).  A v model whose weight was
+    # capped at low noise (min-SNR, gamma 5) learned position (0.88) but gave
+    # grainy, blobby samples, so by default nothing is capped here.
+    if min_snr_gamma is None:
+        weight = torch.ones_like(snr)
+    elif prediction_type == "v_prediction":
+        weight = torch.clamp(1 + snr, max=min_snr_gamma) / (1 + snr)
+    else:
+        weight = torch.clamp(snr, max=min_snr_gamma) / snr
 
     unet.train()
     text_encoder.train()
@@ -227,7 +236,8 @@ def train(out_dir, seed: int = 0, steps: int = 1800, batch_size: int = 32, lr: f
             g["lr"] = lr_at(step)
         cond = text_encoder(ids).last_hidden_state
         pred = unet(xt, t, cond).sample
-        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+        loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         loss = (loss * weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -249,12 +259,13 @@ def train(out_dir, seed: int = 0, steps: int = 1800, batch_size: int = 32, lr: f
         "training": {
             "seed": seed, "steps": done, "steps_requested": steps, "batch_size": batch_size,
             "lr": lr, "warmup": warmup, "p_uncond": p_uncond, "min_snr_gamma": min_snr_gamma,
-            "snr_floor": snr_floor, "max_weight": max_weight,
+            "prediction_type": prediction_type,
             "ema_decay": ema_decay, "weights": "EMA", "threads": threads,
             "wall_seconds": round(wall, 1), "torch": torch.__version__,
             "images_seen": done * batch_size,
             "command": f"python -m imagic.toy.train_model --out DIR --seed {seed} --steps {done} "
-                       f"--batch-size {batch_size} --threads {threads}",
+                       f"--batch-size {batch_size} --lr {lr:g} --threads {threads} --prediction-type {prediction_type}"
+                       + (f" --min-snr-gamma {min_snr_gamma:g}" if min_snr_gamma is not None else ""),
         },
         "params": {"unet": n_unet, "text_encoder": n_text},
     }
@@ -269,15 +280,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=1800)
+    ap.add_argument("--steps", type=int, default=3400)
     ap.add_argument("--minutes", type=float, default=None,
                     help="stop early after this wall time (not reproducible when it triggers)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prediction-type", default="v_prediction", choices=["v_prediction", "epsilon"])
+    ap.add_argument("--min-snr-gamma", type=float, default=None,
+                    help="cap the loss weight at low noise (min-SNR); default: plain MSE on the target")
     a = ap.parse_args(argv)
     train(a.out, seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-          threads=a.threads, minutes=a.minutes)
+          threads=a.threads, minutes=a.minutes, min_snr_gamma=a.min_snr_gamma,
+          prediction_type=a.prediction_type)
 
 
 if __name__ == "__main__":
