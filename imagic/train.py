@@ -93,14 +93,16 @@ def run_training(params: Iterable[nn.Parameter], loss_fn: Callable[[], torch.Ten
     return losses
 
 
-ADAM_KINDS = ("fast", "plain")  # fast: fused on CUDA, foreach elsewhere; plain: one tensor at a time
+ADAM_KINDS = ("fast", "plain")  # fast: fused on CUDA, the per-tensor loop elsewhere; plain: always that loop
 
 
 def _fast_adam_kwargs(params: List[torch.Tensor]) -> dict:
-    # fused Adam is one kernel for all tensors on CUDA; foreach batches them elsewhere.
+    # fused Adam is one kernel for all tensors on CUDA.  On the CPU the per-tensor loop is the fast
+    # one: foreach was 1.3x slower with 2.8 GB more peak memory for a full SD1.5 fine-tune
+    # (benchmarks/results/speed_memory_cpu_sd15.md), because of its temporary per-step lists.
     if params and all(p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params):
         return {"fused": True}
-    return {"foreach": True}
+    return {"foreach": False}
 
 
 def _loss_closure(denoiser: Denoiser, x0: torch.Tensor, cond_fn, noise_samples: int, seed: int):
