@@ -8,9 +8,8 @@ For a few held-out toy images, each with an edit text as e_tgt (the cases of edi
 
 for an increasing number of steps, and records the objective on fixed held-out (noise, t) pairs
 (`evaluate_objective`: the same loss as training, without the sampling noise of a training step).
-One run per learning rate: the objective is evaluated at the listed steps from inside the run,
-through the same pieces `optimize_embedding` and `finetune` are made of (`run_training`, the loss
-closure, `make_delta`, `attach`), so what is measured is their trajectory.
+One run per learning rate: the objective is evaluated at the listed steps from inside the run of
+`optimize_embedding` / `finetune` itself (their ``watch`` callback), so what is measured is their trajectory.
 
     python benchmarks/convergence.py                 # writes benchmarks/results/convergence.{json,md,png}
     python benchmarks/convergence.py --quick         # 2 images, short grid
@@ -32,11 +31,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from edit_quality import edit_cases  # noqa: E402
 
-from torch import nn  # noqa: E402
-
+from imagic import finetune, optimize_embedding  # noqa: E402
 from imagic.defaults import DEFAULTS  # noqa: E402
-from imagic.deltas import make_delta  # noqa: E402
-from imagic.train import _loss_closure, run_training  # noqa: E402
 from imagic.objective import evaluate_objective, held_out_pairs  # noqa: E402
 from imagic.pipeline import ImagicPipeline  # noqa: E402
 from imagic.toy import MODEL_DIR  # noqa: E402
@@ -54,30 +50,29 @@ def prepare(pipe, case):
     return den, x0, pipe.encode_text(case["text"]), held_out_pairs(den, x0, count=32)
 
 
-def trajectory(den, x0, cond, params, objective, lr, steps, args):
-    """Adam on params with the Imagic loss; the objective at each of ``steps``."""
-    at = {}
+def trajectory(train, objective, steps):
+    """The objective before training and at each of ``steps``, watched from inside one run."""
+    at = {0: objective(None)}
 
-    def progress(step, total, loss):
+    def watch(step, state):
         if step in steps:
-            at[step] = objective()
+            at[step] = objective(state)
 
-    at[0] = objective()
-    loss_fn = _loss_closure(den, x0, lambda: cond, args.noise_samples, args.seed)
-    run_training(params, loss_fn, max(steps), lr, "convergence", progress)
-    return [at[n] for n in steps]
+    result, _ = train(max(steps), watch)
+    return [at[n] for n in steps], result
 
 
 def stage1(den, x0, e_tgt, lr, steps, args, evaluate):
-    e_opt = {k: nn.Parameter(v.detach().clone().float()) for k, v in e_tgt.items()}
-    curve = trajectory(den, x0, e_opt, list(e_opt.values()), lambda: evaluate(e_opt), lr, steps, args)
-    return curve, {k: v.detach() for k, v in e_opt.items()}
+    return trajectory(lambda n, watch: optimize_embedding(den, x0, e_tgt, steps=n, lr=lr, seed=args.seed,
+                                                         noise_samples=args.noise_samples, watch=watch),
+                      lambda e: evaluate(e_tgt if e is None else e), steps)
 
 
 def stage2(den, x0, e_opt, method, lr, steps, args, evaluate):
-    delta = make_delta(method, den.trainable_module(), args.rank, args.seed, device=x0.device)
-    with den.attach(delta):
-        return trajectory(den, x0, e_opt, list(delta.parameters()), lambda: evaluate(e_opt), lr, steps, args)
+    curve, _ = trajectory(lambda n, watch: finetune(den, x0, e_opt, steps=n, lr=lr, method=method, rank=args.rank,
+                                                   seed=args.seed, noise_samples=args.noise_samples, watch=watch),
+                          lambda delta: evaluate(e_opt), steps)
+    return curve
 
 
 def main(argv=None):

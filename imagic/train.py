@@ -115,13 +115,28 @@ def _loss_closure(denoiser: Denoiser, x0: torch.Tensor, cond_fn, noise_samples: 
     return loss_fn
 
 
+def _watched(progress: Optional[ProgressFn], watch, state) -> Optional[ProgressFn]:
+    """The progress callback, plus ``watch(step, state)`` after every step (state: what is being trained)."""
+    if watch is None:
+        return progress
+
+    def both(step, total, loss):
+        if progress is not None:
+            progress(step, total, loss)
+        watch(step, state)
+
+    return both
+
+
 def optimize_embedding(denoiser: Denoiser, x0: torch.Tensor, e_tgt: Conditioning, *, steps: int, lr: float,
                        seed: int = 0, noise_samples: int = 1, progress: Optional[ProgressFn] = None,
-                       cancel: Optional[CancelFn] = None, adam: str = "fast") -> Tuple[Conditioning, List[float]]:
+                       cancel: Optional[CancelFn] = None, adam: str = "fast", watch=None
+                       ) -> Tuple[Conditioning, List[float]]:
     """Stage 1: e_opt, the embedding that best reconstructs x0 under the frozen model.
 
     Every tensor of the conditioning is optimized (for SDXL that includes the pooled vector).
-    Returns e_opt (new tensors; e_tgt is untouched) and the loss per step.
+    Returns e_opt (new tensors; e_tgt is untouched) and the loss per step. ``watch(step, e_opt)``,
+    if given, sees the embedding being trained after every step (benchmarks measure with it).
     """
     steps = check_steps("embedding steps", steps)
     check_latent(x0)
@@ -130,19 +145,21 @@ def optimize_embedding(denoiser: Denoiser, x0: torch.Tensor, e_tgt: Conditioning
     losses: List[float] = []
     if steps:
         loss_fn = _loss_closure(denoiser, x0, lambda: e_opt, noise_samples, seed)
-        losses = run_training(e_opt.values(), loss_fn, steps, lr, "embedding optimization", progress, cancel, adam)
+        losses = run_training(e_opt.values(), loss_fn, steps, lr, "embedding optimization",
+                              _watched(progress, watch, e_opt), cancel, adam)
     return {k: v.detach().to(e_tgt[k].dtype) for k, v in e_opt.items()}, losses
 
 
 def finetune(denoiser: Denoiser, x0: torch.Tensor, e_opt: Conditioning, *, steps: int, lr: float,
              method: str = "lora", rank: int = 4, seed: int = 0, noise_samples: int = 1,
-             progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None, adam: str = "fast"
-             ) -> Tuple[Optional[WeightDelta], List[float]]:
+             progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None, adam: str = "fast",
+             watch=None) -> Tuple[Optional[WeightDelta], List[float]]:
     """Stage 2: a weight delta with which the model reconstructs x0 from the frozen e_opt.
 
     The denoiser must provide ``trainable_module()`` (the network whose weights may change; used
     for names and shapes only) and ``attach(delta)`` (a context in which it computes with
     weight + delta). Returns the trained delta (None when steps is 0) and the loss per step.
+    ``watch(step, delta)``, if given, is called after every step while the delta is attached.
     """
     steps = check_steps("fine-tune steps", steps)
     check_latent(x0)
@@ -154,8 +171,8 @@ def finetune(denoiser: Denoiser, x0: torch.Tensor, e_opt: Conditioning, *, steps
     frozen = {k: v.detach() for k, v in e_opt.items()}
     loss_fn = _loss_closure(denoiser, x0, lambda: frozen, noise_samples, seed)
     with denoiser.attach(delta):
-        losses = run_training(delta.parameters(), loss_fn, steps, lr, f"fine-tuning ({method})", progress, cancel,
-                              adam)
+        losses = run_training(delta.parameters(), loss_fn, steps, lr, f"fine-tuning ({method})",
+                              _watched(progress, watch, delta), cancel, adam)
     return delta.requires_grad_(False), losses
 
 
