@@ -84,10 +84,14 @@ class LoraDelta(WeightDelta):
     def names(self):
         return list(self._index)
 
-    def delta(self, name):
+    def factors(self, name):
+        """(down, up, scale) of one target: its delta is scale * up @ down."""
         i = self._index[name]
         down, up = self.down[i], self.up[i]
-        scale = self.alpha / down.shape[0]
+        return down, up, self.alpha / down.shape[0]
+
+    def delta(self, name):
+        down, up, scale = self.factors(name)
         return (up.flatten(1) @ down.flatten(1)).reshape(self.shapes[name]) * scale
 
     def to_state_dict(self, prefix=""):

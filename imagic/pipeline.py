@@ -45,7 +45,7 @@ class _AddDelta(nn.Module):
         return weight + self.delta[0].delta(self.name).to(weight.dtype)
 
 
-def _lora_side_branch(delta, i: int):
+def _lora_side_branch(delta, name: str):
     """Forward hook: out + scale * up(down(x)), the same function as the layer with weight + up @ down.
 
     Why not merge: a merged weight is a full-size tensor per layer that autograd keeps for the
@@ -54,8 +54,8 @@ def _lora_side_branch(delta, i: int):
     """
     def hook(module, args, out):
         x = args[0]
-        down, up = delta.down[i].to(x.dtype), delta.up[i].to(x.dtype)
-        scale = delta.alpha / down.shape[0]
+        down, up, scale = delta.factors(name)
+        down, up = down.to(x.dtype), up.to(x.dtype)
         if isinstance(module, nn.Linear):
             h = F.linear(F.linear(x, down), up)
         else:  # LoCon: the down convolution takes the layer's geometry, up is 1x1
@@ -149,7 +149,7 @@ class DiffusersDenoiser:
                 module = self.unet.get_submodule(module_name)
                 if (self.lora_side_branch and getattr(delta, "method", "") == "lora" and tensor_name == "weight"
                         and _side_branch_ok(module)):
-                    hooks.append(module.register_forward_hook(_lora_side_branch(delta, delta._index[name])))
+                    hooks.append(module.register_forward_hook(_lora_side_branch(delta, name)))
                     continue
                 parametrize.register_parametrization(module, tensor_name, _AddDelta(delta, name), unsafe=True)
                 touched.append((module, tensor_name))
