@@ -46,7 +46,7 @@ COLOUR_RGB = {
     "yellow": (235, 205, 30),
 }
 # Half-extent (circle radius) in pixels, before jitter.
-SIZE_PX = {"small": 4.5, "large": 8.0}
+SIZE_PX = {"small": 5.0, "large": 8.0}
 # Horizontal centre in pixels, before jitter.
 POSITION_X = {"left": 10.5, "right": 21.5}
 CENTER_Y = 16.0
@@ -145,7 +145,10 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, n: int, ss: int) -> 
     if shape == "circle":
         inside = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
     elif shape == "square":
-        h = r * 0.89  # about the same area as the circle
+        # Same bounding box as the circle, so the corners stick out 0.41 r past it.
+        # (An equal-area square, h = 0.89 r, differed from a small circle by about
+        # one pixel at each corner, and the toy model drew both as the same blob.)
+        h = r
         inside = (np.abs(x - cx) <= h) & (np.abs(y - cy) <= h)
     elif shape == "triangle":
         R = r * 1.25  # circumradius of an upward equilateral triangle centred on (cx, cy)
