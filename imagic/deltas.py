@@ -1,8 +1,8 @@
 """Trainable weight deltas: what stage 2 learns, kept apart from the model it is added to.
 
-The base model is never written to. A delta is a set of tensors ``delta(name)`` that the host adds
-to the named weight whenever the model runs (diffusers: a parametrization; ComfyUI: a weight
-wrapper on a patched clone). Two kinds:
+The base model is never written to. A delta is a set of tensors ``delta(name)`` that is added to
+the named weight whenever the model runs, inside ``applied(delta, module)``: the one way both the
+diffusers path and the ComfyUI nodes apply a delta to a network. Two kinds:
 
 * ``LoraDelta``: low-rank ``up @ down * alpha / rank`` on every Linear and Conv2d weight (convolutions
   as LoCon: ``down`` has the kernel, ``up`` is 1x1). ``up`` starts at zero, so training starts exactly
@@ -16,10 +16,13 @@ State-dict keys follow the LoRA format that ComfyUI's loaders read (``<module>.l
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Dict, Iterable, List, Mapping, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 METHODS = ("lora", "full")
 
@@ -47,6 +50,10 @@ class WeightDelta(nn.Module):
         raise NotImplementedError
 
     def to_state_dict(self, prefix: str = "") -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> torch.Size:
+        """The full shape of delta(name), known without building it."""
         raise NotImplementedError
 
 
@@ -84,6 +91,9 @@ class LoraDelta(WeightDelta):
     def names(self):
         return list(self._index)
 
+    def shape(self, name):
+        return self.shapes[name]
+
     def factors(self, name):
         """(down, up, scale) of one target: its delta is scale * up @ down."""
         i = self._index[name]
@@ -120,6 +130,9 @@ class FullDelta(WeightDelta):
 
     def delta(self, name):
         return self.diffs[self._index[name]]
+
+    def shape(self, name):
+        return self.diffs[self._index[name]].shape
 
     def to_state_dict(self, prefix=""):
         sd = {}
@@ -179,3 +192,87 @@ def make_delta(method: str, module: nn.Module, rank: int, seed: int, device=None
     if method == "full":
         return FullDelta(full_target_shapes(module), device=device)
     raise ValueError(f"unknown fine-tune method {method!r}; use one of {METHODS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying a delta to a network
+
+
+class _AddDelta(nn.Module):
+    """Parametrization weight -> weight + delta(name): the base weight is read, never written."""
+
+    def __init__(self, delta: WeightDelta, name: str):
+        super().__init__()
+        self.delta, self.name = [delta], name  # a list, so the delta is not registered as a submodule
+
+    def forward(self, weight):
+        return weight + self.delta[0].delta(self.name).to(weight.dtype)
+
+
+def _lora_side_branch(delta: LoraDelta, name: str):
+    """Forward hook: out + scale * up(down(x)), the same function as the layer with weight + up @ down.
+
+    Why not merge: a merged weight is a full-size tensor per layer that autograd keeps for the
+    backward pass, i.e. one more copy of the whole network during training; the branch keeps only
+    rank-r activations and never forms a full-size weight or weight gradient.
+    """
+    def hook(module, args, out):
+        x = args[0]
+        down, up, scale = delta.factors(name)
+        down, up = down.to(x.dtype), up.to(x.dtype)
+        if isinstance(module, nn.Linear):
+            h = F.linear(F.linear(x, down), up)
+        else:  # LoCon: the down convolution takes the layer's geometry, up is 1x1
+            h = F.conv2d(F.conv2d(x, down, None, module.stride, module.padding, module.dilation), up)
+        return out + (h * scale).to(out.dtype)
+
+    return hook
+
+
+def side_branch_ok(module: nn.Module) -> bool:
+    """Whether a LoRA on this layer can run as a side branch (else it is merged into the weight)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+@contextmanager
+def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool = True):
+    """Inside the block, ``module`` computes with weight + delta; afterwards it is exactly as before.
+
+    LoRA runs as a side branch of each layer (a forward hook) where the layer allows it; a full
+    delta, or a LoRA with ``side_branch=False``, is a parametrization weight + delta(name). Nothing
+    is written to the module's weights either way, so the base stays bit for bit unchanged.
+    """
+    if delta is None:
+        yield
+        return
+    touched, hooks = [], []
+    try:
+        for name in delta.names():
+            module_name, tensor_name = name.rsplit(".", 1)
+            layer = module.get_submodule(module_name)
+            if side_branch and delta.method == "lora" and tensor_name == "weight" and side_branch_ok(layer):
+                hooks.append(layer.register_forward_hook(_lora_side_branch(delta, name)))
+                continue
+            parametrize.register_parametrization(layer, tensor_name, _AddDelta(delta, name), unsafe=True)
+            touched.append((layer, tensor_name))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for layer, tensor_name in reversed(touched):
+            parametrize.remove_parametrizations(layer, tensor_name, leave_parametrized=False)
+
+
+def check_fits(delta: WeightDelta, module: nn.Module) -> Optional[str]:
+    """The first target of ``delta`` that ``module`` lacks or has in another shape (None: it fits).
+
+    Uses the delta's factor shapes only: no full-size delta is built.
+    """
+    params = dict(module.named_parameters())
+    for name in delta.names():
+        if name not in params or params[name].shape != delta.shape(name):
+            return name
+    return None

@@ -20,11 +20,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch import nn
-from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from .deltas import WeightDelta
+from .deltas import WeightDelta, applied, check_fits
 from .objective import Conditioning
 from .results import ImagicResult
 from .train import ImagicError, ProgressFn, CancelFn, finetune, interpolate, optimize_embedding
@@ -32,44 +30,6 @@ from .train import ImagicError, ProgressFn, CancelFn, finetune, interpolate, opt
 from .defaults import DEFAULTS, PAPER_PRESET  # noqa: E402,F401
 
 REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
-
-
-class _AddDelta(nn.Module):
-    """weight -> weight + delta(name): the base weight is read, never written."""
-
-    def __init__(self, delta: WeightDelta, name: str):
-        super().__init__()
-        self.delta, self.name = [delta], name  # a list, so the delta is not registered as a submodule
-
-    def forward(self, weight):
-        return weight + self.delta[0].delta(self.name).to(weight.dtype)
-
-
-def _lora_side_branch(delta, name: str):
-    """Forward hook: out + scale * up(down(x)), the same function as the layer with weight + up @ down.
-
-    Why not merge: a merged weight is a full-size tensor per layer that autograd keeps for the
-    backward pass, i.e. one more copy of the whole UNet during training; the branch keeps only
-    rank-r activations and never forms a full-size weight or weight gradient.
-    """
-    def hook(module, args, out):
-        x = args[0]
-        down, up, scale = delta.factors(name)
-        down, up = down.to(x.dtype), up.to(x.dtype)
-        if isinstance(module, nn.Linear):
-            h = F.linear(F.linear(x, down), up)
-        else:  # LoCon: the down convolution takes the layer's geometry, up is 1x1
-            h = F.conv2d(F.conv2d(x, down, None, module.stride, module.padding, module.dilation), up)
-        return out + (h * scale).to(out.dtype)
-
-    return hook
-
-
-def _side_branch_ok(module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
 
 
 class DiffusersDenoiser:
@@ -136,29 +96,9 @@ class DiffusersDenoiser:
             if use and not was:
                 self.unet.disable_gradient_checkpointing()
 
-    @contextmanager
     def attach(self, delta: Optional[WeightDelta]):
         """Compute with weight + delta inside the block; the UNet is exactly as before afterwards."""
-        if delta is None:
-            yield
-            return
-        touched, hooks = [], []
-        try:
-            for name in delta.names():
-                module_name, tensor_name = name.rsplit(".", 1)
-                module = self.unet.get_submodule(module_name)
-                if (self.lora_side_branch and getattr(delta, "method", "") == "lora" and tensor_name == "weight"
-                        and _side_branch_ok(module)):
-                    hooks.append(module.register_forward_hook(_lora_side_branch(delta, name)))
-                    continue
-                parametrize.register_parametrization(module, tensor_name, _AddDelta(delta, name), unsafe=True)
-                touched.append((module, tensor_name))
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-            for module, tensor_name in reversed(touched):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+        return applied(delta, self.unet, side_branch=self.lora_side_branch)
 
 
 def _check_model_folder(path: Path) -> dict:
@@ -344,10 +284,9 @@ class ImagicPipeline:
                                   f"shape {tuple(v.shape)}, this model's is "
                                   f"{tuple(mine[k].shape) if k in mine else 'absent'}")
         if result.delta is not None:
-            shapes = dict(self.unet.named_parameters())
-            for name in result.delta.names():
-                if name not in shapes or shapes[name].shape != result.delta.delta(name).shape:
-                    raise ImagicError(f"this Imagic result's fine-tune does not fit this model's UNet ({name})")
+            misfit = check_fits(result.delta, self.unet)
+            if misfit is not None:
+                raise ImagicError(f"this Imagic result's fine-tune does not fit this model's UNet ({misfit})")
 
     @torch.no_grad()
     def sample(self, result: ImagicResult, etas: Sequence[float] = (DEFAULTS["eta"],), *, seed: int = 0,

@@ -1,83 +1,113 @@
 """The Imagic core on ComfyUI's model management: the ``Denoiser`` adapter and conditioning glue.
 
-Training runs on a private clone of the incoming MODEL. Weight wrappers on that clone add the
-trained delta to each weight at cast time (and force a fresh copy of the host's inference-tensor
-weights, which is what lets gradients reach the embedding at all). The clone is unloaded when
-training ends, so the MODEL the graph passed in, and every other user of it, never sees a change.
+Training runs on a private, non-dynamic copy of the incoming MODEL, made once per stage outside
+inference mode, as the host's own trainer does (``clone(force_deepcopy=True)``). Its weights are
+ordinary tensors, so the frozen weights are used as they are at every step (no per-call copy), and
+on NVIDIA the DynamicVRAM patcher, which may hand autograd a VRAM-resident inference tensor or a
+reused transfer buffer, is never trained through. The copy carries the MODEL's patches (an upstream
+LoRA), wrappers and options. The trained delta is applied by ``imagic.deltas.applied``, the same code
+the diffusers path uses: LoRA as a side branch of each layer. The input MODEL, and every other user
+of it, never sees a change; the copy is dropped when the stage ends.
 """
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Dict, List, Optional
+import copy
+import inspect
+from typing import List
 
 import torch
 
-import comfy.lora
 import comfy.model_management
 import comfy.model_sampling
 import comfy.sd
 import comfy.utils
 
 from ..imagic import ImagicCancelled, ImagicError
-from ..imagic.deltas import WeightDelta
+from ..imagic.deltas import WeightDelta, applied
 
 PREFIX = "diffusion_model."
 
 
-class _DeltaHolder:
-    """Shared by all weight wrappers of one training clone; ``attach`` swaps what it holds."""
+def prediction_type_of(model) -> str:
+    """The parameterization the MODEL was trained in, from the model sampling the sampler uses."""
+    ms = model.get_model_object("model_sampling")
+    kinds = comfy.model_sampling
+    if isinstance(ms, kinds.CONST):
+        return "flow"
+    if isinstance(ms, kinds.V_PREDICTION) and not isinstance(ms, kinds.EDM):
+        return "v_prediction"
+    if isinstance(ms, kinds.EPS) and not isinstance(ms, (kinds.V_PREDICTION, kinds.X0)):
+        return "epsilon"
+    raise ImagicError(f"this model's parameterization ({type(ms).__name__}) is not supported by Imagic yet")
 
-    def __init__(self):
-        self.delta: Optional[WeightDelta] = None
-        self.names = frozenset()
 
-    def set(self, delta: Optional[WeightDelta]):
-        self.delta = delta
-        self.names = frozenset(delta.names()) if delta is not None else frozenset()
+def _unload_users(network) -> None:
+    """Unload every loaded patcher of this network, so its weights are the unpatched originals."""
+    mm = comfy.model_management
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        patcher = mm.current_loaded_models[i].model
+        if patcher is not None and patcher.model is network:
+            mm.current_loaded_models.pop(i).model_unload()
 
 
-class _WeightWrapper(torch.nn.Module):
-    """weight -> weight + delta(name). An nn.Module, as the host's own training adapters are."""
+def _fresh_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """The same network with its own parameters and buffers (fresh tensors), hooks and weight functions.
 
-    def __init__(self, holder: _DeltaHolder, name: str):
-        super().__init__()
-        self.holder, self.name = holder, name
+    A structural copy rather than ``copy.deepcopy``: the host's model objects hold state deepcopy
+    cannot rebuild, and only the tensors and the per-module mutable containers must not be shared.
+    """
+    new = copy.copy(module)
+    new._parameters = {k: None if v is None else torch.nn.Parameter(v.detach().clone(), requires_grad=False)
+                       for k, v in module._parameters.items()}
+    new._buffers = {k: None if v is None else v.detach().clone() for k, v in module._buffers.items()}
+    new._modules = {k: None if v is None else _fresh_copy(v) for k, v in module._modules.items()}
+    for k, v in module.__dict__.items():
+        if k.endswith("hooks") and isinstance(v, dict):
+            setattr(new, k, type(v)(v))
+        elif k in ("weight_function", "bias_function") and isinstance(v, list):
+            setattr(new, k, list(v))
+    return new
 
-    def forward(self, weight):
-        if self.name in self.holder.names:
-            return weight + self.holder.delta.delta(self.name).to(weight.dtype)
-        return weight
+
+def training_model(model):
+    """A private, non-dynamic ModelPatcher of ``model`` whose weights are fresh, ordinary tensors.
+
+    Call outside inference mode. Where the host can reload the model as its own trainer does
+    (``clone(force_deepcopy=True)``, with the loader's ``cached_patcher_init``), that is used: the
+    input MODEL stays loaded where it is. Otherwise (older hosts, or a MODEL no core loader made)
+    the network is copied once from its unpatched weights; a DynamicVRAM MODEL that cannot be
+    reloaded is refused rather than trained through its dynamic weights.
+    """
+    if ("force_deepcopy" in inspect.signature(model.clone).parameters
+            and getattr(model, "cached_patcher_init", None) is not None):
+        return model.clone(force_deepcopy=True)
+    if getattr(model, "is_dynamic", lambda: False)():
+        raise ImagicError("this MODEL cannot be copied for training: it uses DynamicVRAM and was not made by a core "
+                          "loader node; load it with Load Checkpoint or Load Diffusion Model, or start ComfyUI "
+                          "with --disable-dynamic-vram")
+    _unload_users(model.model)
+    clone = model.clone()
+    clone.model = _fresh_copy(model.model)
+    clone.backup, clone.object_patches_backup = {}, {}
+    if hasattr(clone, "pinned"):
+        clone.pinned = set()
+    return clone
 
 
 class ComfyDenoiser:
-    """``imagic.objective.Denoiser`` for a ComfyUI ModelPatcher (SD1.x, SD2.x v-pred, SDXL, flow models)."""
+    """``imagic.objective.Denoiser`` for a ComfyUI ModelPatcher (SD1.x, SD2.x v-pred, SDXL, flow models).
+
+    The training copy exists only inside ``loaded()``.
+    """
 
     def __init__(self, model, cond_extra: dict, width: int, height: int):
-        self.patcher = model.clone()
-        self.base = self.patcher.model
-        ms = self.base.model_sampling
-        self.ms = ms
-        kinds = comfy.model_sampling
-        if isinstance(ms, kinds.CONST):
-            self.prediction_type = "flow"
-        elif isinstance(ms, kinds.V_PREDICTION) and not isinstance(ms, kinds.EDM):
-            self.prediction_type = "v_prediction"
-        elif isinstance(ms, kinds.EPS) and not isinstance(ms, (kinds.V_PREDICTION, kinds.X0)):
-            self.prediction_type = "epsilon"
-        else:
-            raise ImagicError(f"this model's parameterization ({type(ms).__name__}) is not supported by Imagic yet")
+        self.source = model
+        self.prediction_type = prediction_type_of(model)
+        self.ms = model.get_model_object("model_sampling")
         self.cond_extra = dict(cond_extra)
         self.width, self.height = width, height
-        self.holder = _DeltaHolder()
-        self.model_options = self.patcher.model_options
-        for name, module in self.base.diffusion_model.named_modules():
-            if not hasattr(module, "weight_function"):
-                continue
-            for p in ("weight", "bias"):
-                if getattr(module, p, None) is not None:
-                    key = f"{name}.{p}"
-                    self.patcher.add_weight_wrapper(PREFIX + key, _WeightWrapper(self.holder, key))
+        self.patcher = self.base = None
         self.device = comfy.model_management.get_torch_device()
         self._checkpointed: List[torch.nn.Module] = []
 
@@ -103,10 +133,11 @@ class ComfyDenoiser:
         kwargs = {}
         if "pooled" in cond:
             kwargs["y"] = self.adm(cond["pooled"])
-        transformer_options = dict(self.model_options.get("transformer_options", {}))
+        model_options = self.patcher.model_options
+        transformer_options = dict(model_options.get("transformer_options", {}))
         transformer_options["sigmas"] = s
         transformer_options["cond_or_uncond"] = [0] * n
-        wrapper = self.model_options.get("model_function_wrapper")
+        wrapper = model_options.get("model_function_wrapper")
         c = {"c_crossattn": cond["context"], "transformer_options": transformer_options, **kwargs}
         if wrapper is not None:
             x0 = wrapper(self.base.apply_model, {"input": x_in, "timestep": s, "c": c, "cond_or_uncond": [0] * n})
@@ -122,13 +153,8 @@ class ComfyDenoiser:
     def trainable_module(self):
         return self.base.diffusion_model
 
-    @contextlib.contextmanager
     def attach(self, delta):
-        self.holder.set(delta)
-        try:
-            yield
-        finally:
-            self.holder.set(None)
+        return applied(delta, self.base.diffusion_model)
 
     # -- host specifics --------------------------------------------------------------------
     def adm(self, pooled):
@@ -145,29 +171,42 @@ class ComfyDenoiser:
 
     @contextlib.contextmanager
     def loaded(self, gradient_checkpointing: bool = False):
-        """Load the training clone on the compute device; always unload it and undo checkpointing."""
+        """Make and load the training copy; always unload it, undo checkpointing and drop the copy."""
         from comfy_extras.nodes_train import find_all_highest_child_module_with_forward, patch, unpatch
 
+        mm = comfy.model_management
         with torch.inference_mode(False), torch.enable_grad():
+            was_training = getattr(mm, "in_training", None)
             try:
-                comfy.model_management.load_models_gpu([self.patcher], memory_required=0, force_full_load=True)
+                self.patcher = training_model(self.source)
+                self.base = self.patcher.model
+                self.base.requires_grad_(False)
+                mm.load_models_gpu([self.patcher], memory_required=0, force_full_load=True)
+                if was_training is not None:
+                    # Some models switch to autograd-safe kernels while this is set (the host's trainer sets it).
+                    mm.in_training = True
                 if gradient_checkpointing:
                     for m in find_all_highest_child_module_with_forward(self.base.diffusion_model):
                         patch(m)
                         self._checkpointed.append(m)
                 yield self
             finally:
+                if was_training is not None:
+                    mm.in_training = was_training
                 for m in self._checkpointed:
                     unpatch(m)
                 self._checkpointed.clear()
                 self.unload()
 
     def unload(self):
+        if self.patcher is None:
+            return
         mm = comfy.model_management
         for i in range(len(mm.current_loaded_models) - 1, -1, -1):
             if mm.current_loaded_models[i].model is self.patcher:
                 mm.current_loaded_models.pop(i).model_unload()
         self.patcher.unpatch_model()
+        self.patcher = self.base = None
         mm.soft_empty_cache()
 
 

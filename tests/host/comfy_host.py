@@ -1,8 +1,9 @@
 """Run a real ComfyUI host in-process for tests (no web server).
 
-The host is never vendored: point ``COMFYUI_PATH`` at a ComfyUI checkout (v0.3.64 is the
-version these helpers were written against), or place this repository inside a ComfyUI
-``custom_nodes/`` folder.
+The host is never vendored: point ``COMFYUI_PATH`` at a ComfyUI checkout (the tested range is
+ComfyUI 0.8.0 to 0.33.0), or place this repository inside a ComfyUI ``custom_nodes/`` folder.
+Host differences are handled by feature detection (signatures, registered node ids), never by
+version strings: see ``reset_executor`` and ``call_node``.
 
 Typical use (pytest fixtures in ``conftest.py`` do this)::
 
@@ -19,6 +20,7 @@ outputs cached by the first one, exactly as in a running ComfyUI.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import sys
@@ -31,7 +33,7 @@ from typing import Any, Callable
 ENV_VAR = "COMFYUI_PATH"
 # Set to 1 to turn "host not found" into a failure instead of a skip (for CI that must run them).
 REQUIRE_ENV_VAR = "IMAGIC_REQUIRE_HOST"
-SKIP_REASON = "ComfyUI host not found: set COMFYUI_PATH to a ComfyUI checkout (v0.3.64)"
+SKIP_REASON = "ComfyUI host not found: set COMFYUI_PATH to a ComfyUI checkout (0.8.0 to 0.33.0)"
 
 # Not resolved on purpose: a symlink <ComfyUI>/custom_nodes/<pack> -> repo must still count.
 REPO_ROOT = Path(os.path.abspath(__file__)).parents[2]
@@ -375,7 +377,12 @@ class HostSession:
         """A fresh PromptExecutor: forgets every cached output."""
         ex = self.host.execution
         ct = self.cache_type if self.cache_type is not None else ex.CacheType.CLASSIC
-        self.executor = ex.PromptExecutor(self.server, cache_type=ct)
+        kwargs = {}
+        if "cache_args" in inspect.signature(ex.PromptExecutor).parameters:
+            # Since v0.3.68 the executor reads its RAM limits from cache_args at every run; these are
+            # the values main.py passes with --cache-classic.
+            kwargs["cache_args"] = {"lru": 0, "ram": 0, "ram_inactive": 0}
+        self.executor = ex.PromptExecutor(self.server, cache_type=ct, **kwargs)
 
     def validate(self, prompt: dict, prompt_id: str | None = None,
                  partial_execution_list: list[str] | None = None) -> list[str]:
@@ -427,6 +434,22 @@ class HostSession:
     def interrupt(self) -> None:
         """Ask the running prompt to stop (what the UI's Cancel button does)."""
         self.host.nodes.interrupt_processing(True)
+
+
+def call_node(node_id: str, **inputs):
+    """Run a registered node as the executor would (inference mode), returning its outputs as a tuple.
+
+    Works for V3 nodes (``execute`` classmethod returning a NodeOutput) and V1 nodes (``FUNCTION``),
+    so a test does not depend on which form a stock node has in this host.
+    """
+    import torch
+
+    cls = _HOST.nodes.NODE_CLASS_MAPPINGS[node_id]
+    with torch.inference_mode():
+        if hasattr(cls, "GET_SCHEMA"):
+            out = cls.execute(**inputs)
+            return tuple(out.args) if out is not None else ()
+        return tuple(getattr(cls(), cls.FUNCTION)(**inputs))
 
 
 _DEFAULT_SESSION: HostSession | None = None

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from .comfy_host import call_node
+
 NODE_IDS = ["ImagicOptimizeEmbedding", "ImagicFinetuneUNet", "ImagicInterpolateConditioning", "ImagicEtaSweep",
             "ImagicSaveEmbedding", "ImagicLoadEmbedding"]
 TEXT = "a photo of a sitting dog"
@@ -151,9 +153,7 @@ def test_saved_lora_loads_with_stock_loader_and_predicts_like_the_node_model(com
     tuned, lora, _ = call(C["ImagicFinetuneUNet"], model=loaded["model"], conditioning=loaded["target"],
                           latent=loaded["latent"], steps=8, learning_rate=3e-3, seed=1, method="lora", rank=4,
                           gradient_checkpointing=False)
-    save_cls = nodes.NODE_CLASS_MAPPINGS["SaveLoRANode"]
-    with torch.inference_mode():
-        save_cls().save(lora, "loras/imagic_test")
+    call_node("SaveLoRA", lora=lora, prefix="loras/imagic_test")  # the stock "Save LoRA Weights" node
     saved = sorted((comfy.dirs["output"] / "loras").glob("imagic_test_*.safetensors"))[-1]
     shutil.copy(saved, comfy.dirs["loras"] / saved.name)  # what a user does: move it into models/loras
     comfy.folder_paths.filename_list_cache.clear()
@@ -295,12 +295,11 @@ def test_sdxl_optimizes_the_pooled_vector_with_size_conditioning(comfy, pack, sd
 
 def test_training_sees_an_upstream_lora_and_keeps_it(comfy, pack, loaded):
     """A LoRA loaded before the Imagic nodes is part of the model they train on and return."""
-    C, nodes = pack["classes"], comfy.nodes
+    C = pack["classes"]
     _, lora, _ = call(C["ImagicFinetuneUNet"], model=loaded["model"], conditioning=loaded["target"],
                       latent=loaded["latent"], steps=5, learning_rate=1e-2, seed=2, method="lora", rank=4,
                       gradient_checkpointing=False)
-    with torch.inference_mode():
-        upstream = nodes.NODE_CLASS_MAPPINGS["LoraModelLoader"]().load_lora_model(loaded["model"], lora, 1.0)[0]
+    upstream = call_node("LoraModelLoader", model=loaded["model"], lora=lora, strength_model=1.0)[0]
     assert objective(pack, upstream, loaded["target"], loaded["latent"]) != pytest.approx(
         objective(pack, loaded["model"], loaded["target"], loaded["latent"]), rel=1e-6)
     tuned, _, _ = call(C["ImagicFinetuneUNet"], model=upstream, conditioning=loaded["target"],
@@ -308,3 +307,33 @@ def test_training_sees_an_upstream_lora_and_keeps_it(comfy, pack, loaded):
                        gradient_checkpointing=False)
     assert set(upstream.patches) <= set(tuned.patches)
     assert all(len(tuned.patches[k]) == len(upstream.patches[k]) + 1 for k in upstream.patches)
+
+
+def test_training_runs_on_a_private_non_dynamic_copy_and_leaves_the_input_model_loaded(comfy, pack, loaded):
+    """The training model is the pack's own: not the input's network, not the DynamicVRAM patcher, with
+    ordinary (non-inference) weights used as they are; the input MODEL keeps its weights and its place."""
+    import inspect
+
+    HA, mm = pack["host_adapter"], comfy.host.model_management
+    model = loaded["model"]
+    with torch.inference_mode():
+        mm.load_models_gpu([model])
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    reloads = "force_deepcopy" in inspect.signature(model.clone).parameters and model.cached_patcher_init is not None
+    tensor, extra = loaded["target"][0]
+    den = HA.ComfyDenoiser(model, extra, 64, 64)
+    with den.loaded():
+        assert den.base is not model.model and den.base.diffusion_model is not model.model.diffusion_model
+        assert not (hasattr(den.patcher, "is_dynamic") and den.patcher.is_dynamic())
+        weights = list(den.base.diffusion_model.parameters())
+        assert weights and not any(w.is_inference() or w.requires_grad for w in weights)
+        shared = {w.data_ptr() for w in model.model.diffusion_model.parameters()}
+        assert not shared & {w.data_ptr() for w in weights}, "the copy must not share storage with the input"
+        if hasattr(mm, "in_training"):
+            assert mm.in_training, "set while training, as the host's own trainer does"
+    assert den.patcher is None, "the copy is dropped when the stage ends"
+    assert not getattr(mm, "in_training", False)
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    if reloads:  # the host's own reload path: the input stays where it was loaded
+        assert any(lm.model is model for lm in mm.current_loaded_models)
