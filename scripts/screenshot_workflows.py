@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Regenerate docs/workflows/<name>.png: each workflows/*.json as ComfyUI's web frontend shows it.
 
+With --resave it first writes each workflow back as the frontend serializes it after loading
+(``app.graph.serialize()``), so the shipped files are in the current frontend's format.
+
 Needs what tests/browser needs (see tests/browser/conftest.py): a ComfyUI checkout in
 COMFYUI_PATH, comfyui-frontend-package (the version the host pins) and playwright in the
 Python that runs this script (or COMFYUI_PYTHON), and chromium (/usr/bin/chromium).
@@ -12,7 +15,7 @@ in headless chromium, drops each workflow on the canvas as a user does, fits the
 view in the frontend's focus mode, and saves the part of the canvas that holds the graph
 (rendered at --scale device pixels per CSS pixel, then reduced to a 256-colour palette so a
 picture stays small). Model files the workflows name are empty placeholders (nothing runs);
-input pictures are left out, so LoadImage shows no preview. Problems the frontend reports while
+input pictures are a small generated test picture (a missing one would mark LoadImage as an error). Problems the frontend reports while
 loading (missing nodes, dialogs, toasts, broken links, invalid values) are printed; with
 --strict they make the exit status 1.
 """
@@ -20,6 +23,7 @@ loading (missing nodes, dialogs, toasts, broken links, invalid values) are print
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -49,6 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument("--height", type=int, default=frontend.VIEWPORT["height"])
     ap.add_argument("--scale", type=float, default=1.5, help="device pixels per CSS pixel (default 1.5)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when the frontend reports a problem")
+    ap.add_argument("--resave", action="store_true",
+                    help="write each workflow back as the frontend serializes it (its current format)")
     args = ap.parse_args(argv)
 
     reason = comfy_server.missing_requirements()
@@ -68,7 +74,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="imagic_shots_") as tmp:
         tmp = Path(tmp)
         with comfy_server.running_server(tmp / "server", checkpoint=False,
-                                         workflows=workflows.values(), images=False) as server, \
+                                         workflows=workflows.values(), images=True) as server, \
                 sync_playwright() as pw:
             browser = frontend.launch(pw, comfy_server.find_chromium())
             try:
@@ -87,6 +93,10 @@ def main(argv=None) -> int:
                         print(f"  {path.name}: {p}")
                     problems += len(picked)
                     fe.close_messages()
+                    if args.resave:
+                        saved = fe.page.evaluate("() => JSON.parse(JSON.stringify(window.app.graph.serialize()))")
+                        path.write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+                        print(f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}: re-saved")
                     fe.fit_view()
                     raw = tmp / f"{path.stem}.raw.png"
                     fe.page.screenshot(path=str(raw), clip=fe.graph_clip())

