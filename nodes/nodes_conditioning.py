@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from .schema import schema
+
 from ..imagic import ImagicError, interpolate
 from ..imagic.defaults import DEFAULTS
 from .host_adapter import single_conditioning
@@ -40,8 +42,9 @@ _OPTIMIZED = "The optimized conditioning from Imagic Optimize Embedding, e_opt."
 class ImagicInterpolateConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="ImagicInterpolateConditioning",
+            search_aliases=["imagic", "edit photo with text", "blend conditioning", "eta", "lerp conditioning"],
             display_name="Imagic Interpolate Conditioning",
             category="Imagic",
             description="Imagic stage 3: eta * target + (1 - eta) * optimized. Sample it with the fine-tuned model. "
@@ -63,8 +66,9 @@ class ImagicInterpolateConditioning(io.ComfyNode):
 class ImagicEtaSweep(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="ImagicEtaSweep",
+            search_aliases=["imagic", "eta sweep", "compare edit strengths", "conditioning list"],
             display_name="Imagic Eta Sweep",
             category="Imagic",
             description="Several etas at once: a list of conditionings, so the KSampler downstream runs once per "

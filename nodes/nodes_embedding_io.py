@@ -8,6 +8,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from .schema import schema
+
 from ..imagic import ImagicError, ImagicResult, load_result, save_result
 from .host_adapter import check_family, single_conditioning
 
@@ -32,8 +34,9 @@ def _as_dict(tensor, extra):
 class ImagicSaveEmbedding(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="ImagicSaveEmbedding",
+            search_aliases=["imagic", "save embedding", "save conditioning"],
             display_name="Imagic Save Embedding",
             category="Imagic",
             description="Save the target and optimized embeddings to models/imagic as one safetensors file. Save the "
@@ -70,8 +73,9 @@ class ImagicSaveEmbedding(io.ComfyNode):
 class ImagicLoadEmbedding(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="ImagicLoadEmbedding",
+            search_aliases=["imagic", "load embedding", "load conditioning"],
             display_name="Imagic Load Embedding",
             category="Imagic",
             description="Load target and optimized embeddings saved by Imagic Save Embedding (or `imagic edit "

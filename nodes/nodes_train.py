@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from .schema import schema
+
 from ..imagic import finetune, optimize_embedding
 from ..imagic.defaults import DEFAULTS
 from .host_adapter import (ComfyDenoiser, NodeProgress, check_family, latent_for, lora_patched_model,
@@ -54,8 +56,9 @@ def _common_inputs(cond_tooltip, steps_default, lr_default, lr_tooltip):
 class ImagicOptimizeEmbedding(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="ImagicOptimizeEmbedding",
+            search_aliases=["imagic", "edit photo with text", "text image editing", "optimize embedding", "textual inversion"],
             display_name="Imagic Optimize Embedding",
             category="Imagic",
             description="Imagic stage 1: starting from the target text embedding (e_tgt), find the embedding "
@@ -89,8 +92,9 @@ class ImagicOptimizeEmbedding(io.ComfyNode):
 class ImagicFinetuneUNet(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="ImagicFinetuneUNet",
+            search_aliases=["imagic", "edit photo with text", "fine-tune model on one image", "train lora on photo"],
             display_name="Imagic Fine-tune UNet",
             category="Imagic",
             description="Imagic stage 2: with the optimized embedding frozen, fine-tune the model (LoRA or all "

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Regenerate docs/workflows/<name>.png: each workflows/*.json as ComfyUI's web frontend shows it.
 
+It also writes workflows/<name>.jpg, the thumbnail the template browser shows for the template.
+
 With --resave it first writes each workflow back as the frontend serializes it after loading
 (``app.graph.serialize()``), so the shipped files are in the current frontend's format.
 
@@ -42,6 +44,14 @@ def _save_small_png(raw: Path, out: Path) -> None:
     pal = im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     out.parent.mkdir(parents=True, exist_ok=True)
     pal.save(out, optimize=True)
+
+
+def _save_thumbnail(raw: Path, out: Path, width: int = 640) -> None:
+    """<workflow>.jpg beside the workflow: the picture ComfyUI's template browser shows for it."""
+    from PIL import Image
+    im = Image.open(raw).convert("RGB")
+    im.thumbnail((width, width * 3), Image.Resampling.LANCZOS)
+    im.save(out, quality=85, optimize=True)
 
 
 def main(argv=None) -> int:
@@ -102,6 +112,7 @@ def main(argv=None) -> int:
                     fe.page.screenshot(path=str(raw), clip=fe.graph_clip())
                     out = args.out / f"{path.stem}.png"
                     _save_small_png(raw, out)
+                    _save_thumbnail(raw, path.with_suffix(".jpg"))
                     from PIL import Image
                     size = Image.open(out).size
                     print(f"{out.relative_to(REPO) if out.is_relative_to(REPO) else out}: "

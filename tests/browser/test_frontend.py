@@ -12,7 +12,12 @@ For every ``workflows/*.json``:
 
 The basic SD1.5 workflow is also run from the page: tiny checkpoint, a 64x64 uploaded
 picture, 64x64 latents, 2 + 2 training steps and 2 sampler steps set through the graph's
-widgets, the Run button, and the saved picture must appear in the page's Queue panel.
+widgets, the Run button, and the finished run in the backend's /history must hold the saved
+picture, which /view serves.
+
+The server also serves what the frontend shows beside the graph: each node's help page
+(web/docs/<NodeId>.md at the URL the node library fetches) and the workflows as templates with
+their thumbnails.
 """
 
 from __future__ import annotations
@@ -63,6 +68,28 @@ def test_workflow_prompt_validates(app_page, server, path):
         if status == 200 and isinstance(body, dict) and body.get("prompt_id"):
             server.cancel(body["prompt_id"])
             server.wait_idle()
+
+
+def test_every_imagic_node_has_the_help_page_the_node_library_fetches(server):
+    info = server.get_json("/object_info")
+    mine = {k: v for k, v in info.items() if v.get("category") == "Imagic"}
+    assert len(mine) == 6, sorted(mine)
+    for name, node in mine.items():
+        # The frontend's NodeHelpService: /extensions/<custom node folder>/docs/<node name>.md
+        folder = node["python_module"].split(".")[1]
+        status, body = server.request(f"/extensions/{urllib.parse.quote(folder)}/docs/{name}.md")
+        assert status == 200 and body.decode().startswith(f"# {node['display_name']}"), (name, status)
+        if "search_aliases" in node:  # since ComfyUI 0.9
+            assert "imagic" in node["search_aliases"], name
+
+
+def test_workflows_are_served_as_templates_with_thumbnails(server):
+    templates = server.get_json("/api/workflow_templates")
+    assert sorted(templates.get(comfy_server.PACK_NAME, [])) == sorted(p.stem for p in WORKFLOWS), templates
+    for p in WORKFLOWS:
+        # The template browser's picture for a custom node's template: <name>.jpg beside it.
+        status, body = server.request(f"/api/workflow_templates/{comfy_server.PACK_NAME}/{p.stem}.jpg")
+        assert status == 200 and body[:3] == b"\xff\xd8\xff", p.stem
 
 
 def _basic_workflow():
@@ -168,7 +195,10 @@ def _corrupt_combo(wf):
 def _corrupt_widget_count(wf):
     n = next(n for n in wf["nodes"] if n["type"] == "ImagicOptimizeEmbedding")
     n["widgets_values"] = n["widgets_values"][1:]
-    return "serialized:"
+    n.pop("widgets_values_named", None)
+    # Frontend 1.27 gave back other values than the file had ("serialized:"); 1.49 keeps the shifted
+    # values, which the widget checks then catch (a string in a number widget, a value below min).
+    return "ImagicOptimizeEmbedding"
 
 
 def _corrupt_link(wf):
@@ -180,17 +210,7 @@ def _corrupt_link(wf):
     return ""   # any problem (a toast of the frontend's link repair, or a link check)
 
 
-def _corrupt_null_id(wf):
-    # "id": null as the file's first key: the frontend's schema wants a string, and its drop
-    # handler (app.isApiJson reads .class_type of every top-level value) throws on the null,
-    # so nothing loads (frontend 1.27.10).
-    rest = dict(wf)
-    wf.clear()
-    wf.update({"id": None, **rest})
-    return "drag and drop"
-
-
-CORRUPTIONS = [_corrupt_unknown_type, _corrupt_combo, _corrupt_widget_count, _corrupt_link, _corrupt_null_id]
+CORRUPTIONS = [_corrupt_unknown_type, _corrupt_combo, _corrupt_widget_count, _corrupt_link]
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=[c.__name__[9:] for c in CORRUPTIONS])

@@ -77,6 +77,14 @@ def find_comfyui() -> Path | None:
     return None
 
 
+DEVICE_ENV_VAR = "IMAGIC_HOST_DEVICE"
+
+
+def host_device() -> str:
+    """Where the host tests run: "cpu" (default, --cpu) or "cuda" (the host's own defaults)."""
+    return os.environ.get(DEVICE_ENV_VAR, "").strip().lower() or "cpu"
+
+
 def skip_reason() -> str:
     """Why the host tests are skipped (only meaningful when find_comfyui() is None)."""
     env = os.environ.get(ENV_VAR, "").strip()
@@ -184,13 +192,17 @@ def import_host(tmp_dir: str | os.PathLike) -> Host:
     sys.path.insert(0, root_s)
     _evict_shadowing_modules(root)
 
-    # 1. CLI args are read at import time by comfy.model_management: CPU before importing it.
+    # 1. CLI args are read at import time by comfy.model_management: CPU before importing it
+    #    (unless IMAGIC_HOST_DEVICE=cuda: the host's defaults, so DynamicVRAM on NVIDIA with 0.33).
     #    comfy.options.args_parsing stays False, so pytest's argv is never parsed.
     from comfy.cli_args import args
-    args.cpu = True
+    on_cpu = host_device() == "cpu"
+    args.cpu = on_cpu
     import comfy.model_management as model_management
-    if model_management.cpu_state != model_management.CPUState.CPU:
+    if on_cpu and model_management.cpu_state != model_management.CPUState.CPU:
         raise RuntimeError("comfy.model_management was imported before import_host() set args.cpu")
+    if not on_cpu and model_management.get_torch_device().type != host_device():
+        raise RuntimeError(f"IMAGIC_HOST_DEVICE={host_device()} but the host runs on {model_management.get_torch_device()}")
     # 2. The host's top-level ``utils`` package before ``nodes`` (nodes.py puts comfy/ first
     #    on sys.path, after which ``utils`` would resolve to comfy/utils.py).
     import utils.extra_config  # noqa: F401

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from .comfy_host import call_node
+from .comfy_host import call_node, host_device
 
 NODE_IDS = ["ImagicOptimizeEmbedding", "ImagicFinetuneUNet", "ImagicInterpolateConditioning", "ImagicEtaSweep",
             "ImagicSaveEmbedding", "ImagicLoadEmbedding"]
@@ -320,6 +320,9 @@ def test_training_runs_on_a_private_non_dynamic_copy_and_leaves_the_input_model_
         mm.load_models_gpu([model])
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
     reloads = "force_deepcopy" in inspect.signature(model.clone).parameters and model.cached_patcher_init is not None
+    if host_device() == "cuda" and reloads:
+        # scripts/gpu_host_check.sh: the case this guards against is the DynamicVRAM input MODEL.
+        assert model.is_dynamic(), "expected the host's DynamicVRAM default on NVIDIA"
     tensor, extra = loaded["target"][0]
     den = HA.ComfyDenoiser(model, extra, 64, 64)
     with den.loaded():

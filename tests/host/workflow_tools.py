@@ -380,6 +380,9 @@ def validate(wf: dict, mappings, files: Iterable[str] = ()) -> list[str]:
             problems.append(f"workflow has no {key!r}")
     if problems:
         return problems
+    if "id" in wf and not isinstance(wf["id"], str):
+        # Frontend 1.27's drop handler throws on a non-string id, so such a file does not load there.
+        problems.append(f"workflow id {wf['id']!r} is not a string")
     g = Graph(wf)
     ids = [n["id"] for n in wf["nodes"]]
     if len(ids) != len(set(ids)):
@@ -446,7 +449,12 @@ def validate(wf: dict, mappings, files: Iterable[str] = ()) -> list[str]:
             if inp.get("link") is not None and inp["link"] not in g.links:
                 problems.append(f"{where}: input {inp.get('name')!r} names link {inp['link']} that does not exist")
             w = inp.get("widget")
-            if nd.input(inp.get("name")) is None and not (isinstance(w, dict) and nd.input(w.get("name"))):
+            # Frontend 1.49 also serializes a socket for its own upload button (LoadImage's "upload",
+            # type IMAGEUPLOAD); the backend never sees it, so it is fine as long as nothing links to it.
+            frontend_widget = (isinstance(w, dict) and inp.get("link") is None
+                               and str(inp.get("type", "")).endswith("UPLOAD"))
+            if nd.input(inp.get("name")) is None and not frontend_widget and not (
+                    isinstance(w, dict) and nd.input(w.get("name"))):
                 problems.append(f"{where}: has an input {inp.get('name')!r} that {t} does not define")
         for j, out in enumerate(node.get("outputs") or []):
             if j >= len(nd.outputs):
