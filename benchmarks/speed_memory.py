@@ -532,7 +532,7 @@ def build_host_model(model: str, dtype_kind: str, tiny: bool, seed: int = 0):
 
 def host_stage(args, cfg, meter):
     """One stage exactly as the nodes run it (nodes/nodes_train.py): under the executor's inference
-    mode, the node's own ``_prepare`` (ComfyDenoiser on a clone of the MODEL), ``den.loaded(...)``
+    mode, the nodes' own ``prepare_training`` (ComfyDenoiser on a clone of the MODEL), ``den.loaded(...)``
     (load_models_gpu, gradient checkpointing), ``latent_for``, ``_embedding``, and the core's
     optimize_embedding / finetune with the node's cancel check. Only the step count, the learning
     rate (imagic.defaults) and the Adam kind come from the configuration."""
@@ -558,10 +558,10 @@ def host_stage(args, cfg, meter):
         extra = {"pooled_output": torch.randn(*shapes["pooled"], generator=g)} if "pooled" in shapes else {}
         conditioning = [[torch.randn(*shapes["context"], generator=g), extra]]
         latent = {"samples": torch.randn(1, 4, args.latent, args.latent, generator=g)}
-        tensor, extra, den = train._prepare(patcher, conditioning, latent, "the conditioning")
+        tensor, extra, den = train.prepare_training(patcher, conditioning, latent, "the conditioning")
         with den.loaded(gradient_checkpointing=cfg["ckpt"]):
             x0 = train.latent_for(patcher, latent).to(den.device)
-            e = train._embedding(den, tensor, extra)
+            e = train.text_embedding(den, tensor, extra)
             info["conditioning"] = {k: list(v.shape) for k, v in e.items()}
             meter.start()  # after load_models_gpu: the weights are where training uses them
             if args.stage == "embedding":

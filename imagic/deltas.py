@@ -115,21 +115,90 @@ class LoraDelta(WeightDelta):
 
 
 class FullDelta(WeightDelta):
+    """The full fine-tune, in one of two forms.
+
+    * Training form (``FullDelta.trainable(module)``): a trainable fp32 copy W' of every weight and
+      bias, starting at the module's values, and references to the module's own tensors (never
+      written). ``applied`` makes the layers compute with W' itself, so no weight + difference is
+      formed at any step and nothing beyond W', its gradient and Adam's state is kept: Adam on W'
+      is the paper's full fine-tune.
+    * Difference form (``FullDelta(shapes)``, ``finish()``, or loaded from a file): the difference
+      D = W' - W per tensor, added to the weights when applied. ``finish()`` turns the training form
+      into this one in place, one tensor at a time, and drops the references.
+    """
     method = "full"
 
     def __init__(self, shapes: Mapping[str, torch.Size], device=None):
         super().__init__()
         self.diffs = nn.ParameterList()
         self._index = {}
+        self._base: Optional[List[torch.Tensor]] = None  # training form: the original values
+        self.in_place = False  # training form on a private module's own weights
         for i, (name, shape) in enumerate(sorted(shapes.items())):
             self.diffs.append(nn.Parameter(torch.zeros(shape, device=device)))
             self._index[name] = i
+
+    @classmethod
+    def trainable(cls, module: nn.Module, device=None, reference: Optional[Mapping[str, torch.Tensor]] = None
+                  ) -> "FullDelta":
+        """The training form. With ``reference`` (the untouched original values of every target, held
+        elsewhere), ``module`` must be a private copy: its own fp32 weights are trained in place and
+        no copy is made at all; the difference is then taken against ``reference``."""
+        params = dict(module.named_parameters())
+        names = sorted(full_target_shapes(module))
+        delta = cls({}, device=device)
+        delta._base = []
+        delta.in_place = reference is not None
+        for i, name in enumerate(names):
+            w = params[name]
+            if delta.in_place:
+                if w.dtype != torch.float32 or reference[name].shape != w.shape:
+                    raise ValueError(f"cannot train {name} in place ({w.dtype}, reference {tuple(reference[name].shape)})")
+                delta.diffs.append(w.requires_grad_(True))
+                delta._base.append(reference[name].detach())
+            else:
+                delta.diffs.append(nn.Parameter(w.detach().to(device=device, dtype=torch.float32, copy=True)))
+                delta._base.append(w.detach())
+            delta._index[name] = i
+        return delta
+
+    @property
+    def training_form(self) -> bool:
+        return self._base is not None
+
+    def weight(self, name) -> torch.Tensor:
+        """Training form: the trained weight W' itself."""
+        return self.diffs[self._index[name]]
+
+    def finish(self) -> "FullDelta":
+        """Training form -> difference form (W' - W), tensor by tensor, so no second copy is ever made.
+
+        In place on the trained copies; when the private module's own weights were trained, each
+        difference replaces that weight's place in this delta and the module gets its original back.
+        """
+        if self._base is not None:
+            with torch.no_grad():
+                for i, w in enumerate(self._base):
+                    trained = self.diffs[i]
+                    if getattr(self, "in_place", False):
+                        trained.requires_grad_(False)
+                        diff = trained - w.to(trained)
+                        trained.copy_(w.to(trained))  # the private module is as it was before training
+                        self.diffs[i] = nn.Parameter(diff, requires_grad=False)
+                    else:
+                        trained.sub_(w.to(trained))
+            self._base = None
+            self.in_place = False
+        return self
 
     def names(self):
         return list(self._index)
 
     def delta(self, name):
-        return self.diffs[self._index[name]]
+        d = self.diffs[self._index[name]]
+        if self._base is not None:
+            return d - self._base[self._index[name]].to(d)
+        return d
 
     def shape(self, name):
         return self.diffs[self._index[name]].shape
@@ -138,7 +207,7 @@ class FullDelta(WeightDelta):
         sd = {}
         for name, i in self._index.items():
             suffix = "diff_b" if name.endswith(".bias") else "diff"
-            sd[f"{prefix}{_module_name(name)}.{suffix}"] = self.diffs[i].detach().clone()
+            sd[f"{prefix}{_module_name(name)}.{suffix}"] = self.delta(name).detach().clone()
         return sd
 
 
@@ -185,17 +254,29 @@ def delta_from_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = "") -> W
     return delta
 
 
-def make_delta(method: str, module: nn.Module, rank: int, seed: int, device=None) -> WeightDelta:
+def make_delta(method: str, module: nn.Module, rank: int, seed: int, device=None,
+               reference: Optional[Mapping[str, torch.Tensor]] = None) -> WeightDelta:
     if method == "lora":
         g = torch.Generator().manual_seed(int(seed))
         return LoraDelta(lora_target_shapes(module), rank=rank, generator=g, device=device)
     if method == "full":
-        return FullDelta(full_target_shapes(module), device=device)
+        return FullDelta.trainable(module, device=device, reference=reference)
     raise ValueError(f"unknown fine-tune method {method!r}; use one of {METHODS}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Applying a delta to a network
+
+
+class _TrainedWeight(nn.Module):
+    """Parametrization weight -> W' (a full delta's trainable copy): the base weight is not read."""
+
+    def __init__(self, delta: "FullDelta", name: str):
+        super().__init__()
+        self.delta, self.name = [delta], name
+
+    def forward(self, weight):
+        return self.delta[0].weight(self.name).to(weight.dtype)
 
 
 class _AddDelta(nn.Module):
@@ -241,9 +322,10 @@ def side_branch_ok(module: nn.Module) -> bool:
 def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool = True):
     """Inside the block, ``module`` computes with weight + delta; afterwards it is exactly as before.
 
-    LoRA runs as a side branch of each layer (a forward hook) where the layer allows it; a full
-    delta, or a LoRA with ``side_branch=False``, is a parametrization weight + delta(name). Nothing
-    is written to the module's weights either way, so the base stays bit for bit unchanged.
+    LoRA runs as a side branch of each layer (a forward hook) where the layer allows it; a LoRA
+    with ``side_branch=False``, or a full delta in difference form, is a parametrization
+    weight + delta(name); a full delta in training form replaces the weight by its trained copy.
+    Nothing is written to the module's weights either way, so the base stays bit for bit unchanged.
     """
     if delta is None:
         yield
@@ -253,10 +335,13 @@ def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool =
         for name in delta.names():
             module_name, tensor_name = name.rsplit(".", 1)
             layer = module.get_submodule(module_name)
+            if isinstance(delta, FullDelta) and delta.in_place:
+                continue  # the module computes with its own (trained) weights already
             if side_branch and delta.method == "lora" and tensor_name == "weight" and side_branch_ok(layer):
                 hooks.append(layer.register_forward_hook(_lora_side_branch(delta, name)))
                 continue
-            parametrize.register_parametrization(layer, tensor_name, _AddDelta(delta, name), unsafe=True)
+            use = (_TrainedWeight if isinstance(delta, FullDelta) and delta.training_form else _AddDelta)(delta, name)
+            parametrize.register_parametrization(layer, tensor_name, use, unsafe=True)
             touched.append((layer, tensor_name))
         yield
     finally:

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .deltas import WeightDelta, make_delta
+from .deltas import FullDelta, WeightDelta, make_delta
 from .objective import Conditioning, Denoiser, denoising_loss, draw_noise
 
 ProgressFn = Callable[[int, int, float], None]
@@ -63,33 +63,57 @@ def check_latent(x0: torch.Tensor) -> None:
 
 def run_training(params: Iterable[nn.Parameter], loss_fn: Callable[[], torch.Tensor], steps: int, lr: float,
                  stage: str, progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None,
-                 adam: str = "fast") -> List[float]:
+                 adam: str = "fast", step_in_backward: bool = False) -> List[float]:
     """Adam on ``params`` for ``steps`` steps of ``loss_fn``; the loss of each step is returned.
 
     Cancel is checked before every step, and a non-finite loss stops the run before it can
-    corrupt the parameters.
+    corrupt the parameters. ``step_in_backward``: each tensor takes its Adam step as soon as its
+    gradient is complete and then drops the gradient, so the gradients of all tensors never exist
+    at once (one model-sized buffer less for a full fine-tune). The update is the same Adam: its
+    state and step are per tensor either way.
     """
     params = [p for p in params]
     if lr <= 0 or not math.isfinite(lr):
         raise ImagicError(f"{stage}: learning rate must be a positive number, got {lr}")
     if adam not in ADAM_KINDS:
         raise ImagicError(f"adam must be one of {ADAM_KINDS}, got {adam!r}")
-    opt = torch.optim.Adam(params, lr=lr, **(_fast_adam_kwargs(params) if adam == "fast" else {"foreach": False}))
+
+    def adam_on(ps):
+        return torch.optim.Adam(ps, lr=lr, **(_fast_adam_kwargs(ps) if adam == "fast" else {"foreach": False}))
+
+    hooks = []
+    if step_in_backward:
+        per_tensor = {id(p): adam_on([p]) for p in params}
+
+        def step_now(p):
+            per_tensor[id(p)].step()
+            p.grad = None
+
+        hooks = [p.register_post_accumulate_grad_hook(step_now) for p in params]
+        opt = None
+    else:
+        opt = adam_on(params)
     losses: List[float] = []
-    for step in range(steps):
-        if cancel is not None and cancel():
-            raise ImagicCancelled(f"{stage} cancelled at step {step} of {steps}")
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise ImagicError(f"{stage}: the loss became {value} at step {step + 1} of {steps}. "
-                              f"Lower the learning rate (now {lr:g}) and try again.")
-        loss.backward()
-        opt.step()
-        losses.append(value)
-        if progress is not None:
-            progress(step + 1, steps, value)
+    try:
+        for step in range(steps):
+            if cancel is not None and cancel():
+                raise ImagicCancelled(f"{stage} cancelled at step {step} of {steps}")
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise ImagicError(f"{stage}: the loss became {value} at step {step + 1} of {steps}. "
+                                  f"Lower the learning rate (now {lr:g}) and try again.")
+            loss.backward()
+            if opt is not None:
+                opt.step()
+            losses.append(value)
+            if progress is not None:
+                progress(step + 1, steps, value)
+    finally:
+        for h in hooks:
+            h.remove()
     return losses
 
 
@@ -167,12 +191,18 @@ def finetune(denoiser: Denoiser, x0: torch.Tensor, e_opt: Conditioning, *, steps
     if steps == 0:
         return None, []
     module = denoiser.trainable_module()
-    delta = make_delta(method, module, rank, seed, device=x0.device)
+    # A host whose trainable module is a private copy may hand the originals, so that a full fine-tune
+    # trains that copy's own weights instead of one more copy of them.
+    reference = getattr(denoiser, "full_reference", lambda: None)() if method == "full" else None
+    delta = make_delta(method, module, rank, seed, device=x0.device, reference=reference)
     frozen = {k: v.detach() for k, v in e_opt.items()}
     loss_fn = _loss_closure(denoiser, x0, lambda: frozen, noise_samples, seed)
     with denoiser.attach(delta):
+        # A full fine-tune's gradients are model-sized: step each tensor as its gradient completes.
         losses = run_training(delta.parameters(), loss_fn, steps, lr, f"fine-tuning ({method})",
-                              _watched(progress, watch, delta), cancel, adam)
+                              _watched(progress, watch, delta), cancel, adam, step_in_backward=method == "full")
+    if isinstance(delta, FullDelta):
+        delta.finish()  # the trained copies become the differences in place: no second copy
     return delta.requires_grad_(False), losses
 
 

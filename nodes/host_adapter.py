@@ -153,6 +153,20 @@ class ComfyDenoiser:
     def trainable_module(self):
         return self.base.diffusion_model
 
+    def full_reference(self):
+        """The input MODEL's own weights, when they are exactly what the private copy started from (no
+        weight patches, fp32, not dynamic): then a full fine-tune trains the private copy in place."""
+        src = self.source
+        # backup: another clone of this network (an upstream LoRA, say) has patched its weights in place.
+        if (src.patches or getattr(src, "backup", None) or getattr(src, "weight_wrapper_patches", None)
+                or getattr(src, "is_dynamic", lambda: False)()):
+            return None
+        ref = dict(src.model.diffusion_model.named_parameters())
+        mine = dict(self.base.diffusion_model.named_parameters())
+        if set(ref) != set(mine) or any(t.dtype != torch.float32 or t.shape != ref[k].shape for k, t in mine.items()):
+            return None
+        return ref
+
     def attach(self, delta):
         return applied(delta, self.base.diffusion_model)
 
@@ -247,6 +261,26 @@ def latent_for(model, latent: dict) -> torch.Tensor:
         raise ImagicError(f"the latent has {samples.shape[1]} channels but this MODEL works on {channels}: "
                           "encode the photo with the VAE of the same checkpoint")
     return model.model.process_latent_in(samples.clone().float())
+
+
+def prepare_training(model, conditioning, latent, what):
+    """(text tensor, its dict, the ComfyDenoiser) for a training node's inputs, with their errors checked."""
+    tensor, extra = single_conditioning(conditioning, what)
+    check_family(model, tensor, what)
+    h, w = latent["samples"].shape[-2:]
+    # SDXL's size conditioning is in pixels; the host's SD/SDXL latents are 8x downscaled.
+    return tensor, extra, ComfyDenoiser(model, extra, int(extra.get("width", w * 8)), int(extra.get("height", h * 8)))
+
+
+def text_embedding(den, tensor, extra):
+    """The conditioning as the core sees it; the pooled vector only where the model uses it (SDXL)."""
+    e = {"context": tensor.clone().float().to(den.device)}
+    pooled = extra.get("pooled_output")
+    if pooled is not None:
+        pooled = pooled.clone().float().to(den.device)
+        if den.uses_pooled(pooled):
+            e["pooled"] = pooled
+    return e
 
 
 class NodeProgress:

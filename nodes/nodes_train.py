@@ -8,34 +8,15 @@ from .schema import schema
 
 from ..imagic import finetune, optimize_embedding
 from ..imagic.defaults import DEFAULTS
-from .host_adapter import (ComfyDenoiser, NodeProgress, check_family, latent_for, lora_patched_model,
-                           run_cancellable, single_conditioning)
+from .host_adapter import (NodeProgress, latent_for, lora_patched_model, prepare_training, run_cancellable,
+                           text_embedding)
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
-
-
-def _prepare(model, conditioning, latent, what):
-    tensor, extra = single_conditioning(conditioning, what)
-    check_family(model, tensor, what)
-    h, w = latent["samples"].shape[-2:]
-    # SDXL's size conditioning is in pixels; the host's SD/SDXL latents are 8x downscaled.
-    return tensor, extra, ComfyDenoiser(model, extra, int(extra.get("width", w * 8)), int(extra.get("height", h * 8)))
 
 
 def _node_id(cls):
     # Set by the executor; absent when a node is called directly (scripts, tests).
     return getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) is not None else None
-
-
-def _embedding(den, tensor, extra):
-    """The conditioning as the core sees it; the pooled vector only where the model uses it (SDXL)."""
-    e = {"context": tensor.clone().float().to(den.device)}
-    pooled = extra.get("pooled_output")
-    if pooled is not None:
-        pooled = pooled.clone().float().to(den.device)
-        if den.uses_pooled(pooled):
-            e["pooled"] = pooled
-    return e
 
 
 def _common_inputs(cond_tooltip, steps_default, lr_default, lr_tooltip):
@@ -76,11 +57,11 @@ class ImagicOptimizeEmbedding(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, conditioning, latent, steps, learning_rate, seed) -> io.NodeOutput:
-        tensor, extra, den = _prepare(model, conditioning, latent, "the conditioning")
+        tensor, extra, den = prepare_training(model, conditioning, latent, "the conditioning")
         progress = NodeProgress(max(steps, 1), _node_id(cls), "embedding")
         with den.loaded():
             x0 = latent_for(model, latent).to(den.device)
-            e_tgt = _embedding(den, tensor, extra)
+            e_tgt = text_embedding(den, tensor, extra)
             e_opt, losses = run_cancellable(lambda: optimize_embedding(
                 den, x0, e_tgt, steps=steps, lr=learning_rate, seed=seed, progress=progress, cancel=progress.cancel))
         out_extra = dict(extra)
@@ -121,13 +102,13 @@ class ImagicFinetuneUNet(io.ComfyNode):
     @classmethod
     def execute(cls, model, conditioning, latent, steps, learning_rate, seed, method, rank,
                 gradient_checkpointing) -> io.NodeOutput:
-        tensor, extra, den = _prepare(model, conditioning, latent, "the optimized conditioning")
+        tensor, extra, den = prepare_training(model, conditioning, latent, "the optimized conditioning")
         if steps == 0:
             return io.NodeOutput(model.clone(), {}, {"loss": []})
         progress = NodeProgress(steps, _node_id(cls), f"fine-tune ({method})")
         with den.loaded(gradient_checkpointing):
             x0 = latent_for(model, latent).to(den.device)
-            e_opt = _embedding(den, tensor, extra)
+            e_opt = text_embedding(den, tensor, extra)
             delta, losses = run_cancellable(lambda: finetune(
                 den, x0, e_opt, steps=steps, lr=learning_rate, method=method, rank=rank, seed=seed,
                 progress=progress, cancel=progress.cancel))

@@ -157,6 +157,55 @@ def test_lora_side_branch_is_the_merged_weight_function_with_gradients_only_on_t
     assert_unchanged(pipe.unet, before)
 
 
+def test_full_finetune_trains_a_copy_and_hands_back_the_exact_difference(pipe, case, stage1):
+    """Full fine-tuning trains W' (no weight + difference formed per step) and returns D = W' - W,
+    with which the model computes exactly what it computed with W' during training."""
+    from imagic.deltas import FullDelta, applied, make_delta
+
+    e_opt, _ = stage1
+    den = case["den"]
+    before = snapshot(pipe.unet)
+    delta = make_delta("full", pipe.unet, 4, seed=0)
+    assert delta.training_form
+    with torch.no_grad():
+        for w in delta.parameters():
+            w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(3)) * 1e-3)
+    noise, t = case["pairs"]
+    x_t, cond = case["x0"] + noise[:2], {k: v.expand(2, *v.shape[1:]) for k, v in e_opt.items()}
+    with torch.no_grad(), applied(delta, pipe.unet):
+        trained = den.predict(x_t, t[:2], cond)
+    trained_weights = [w.clone() for w in delta.parameters()]
+    delta.finish()
+    assert not delta.training_form and isinstance(delta, FullDelta)
+    params = dict(pipe.unet.named_parameters())
+    for name, w in zip(sorted(delta.names()), trained_weights):
+        assert torch.equal(delta.delta(name), w - params[name])
+    with torch.no_grad(), applied(delta, pipe.unet):
+        again = den.predict(x_t, t[:2], cond)
+    torch.testing.assert_close(again, trained, rtol=1e-5, atol=1e-6)
+    assert_unchanged(pipe.unet, before)
+
+
+def test_stepping_in_backward_is_the_same_adam():
+    """run_training's step_in_backward (each tensor steps as its gradient completes, gradients freed)
+    gives the same parameters as one Adam step over all tensors after backward."""
+    from imagic import run_training
+
+    def train(step_in_backward):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+        losses = run_training(net.parameters(), lambda: net(x).square().mean(), 7, 1e-2, "test",
+                              adam="plain", step_in_backward=step_in_backward)
+        return losses, [p.detach().clone() for p in net.parameters()], [p.grad for p in net.parameters()]
+
+    losses_a, params_a, _ = train(False)
+    losses_b, params_b, grads_b = train(True)
+    assert losses_a == losses_b and losses_a[-1] < losses_a[0]
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+    assert all(g is None for g in grads_b), "stepping in backward frees every gradient"
+
+
 def test_zero_steps_skip_a_stage_and_negative_steps_are_an_error(case):
     e_opt, losses = optimize_embedding(case["den"], case["x0"], case["e_tgt"], steps=0, lr=1e-3)
     assert losses == [] and torch.equal(e_opt["context"], case["e_tgt"]["context"])

@@ -340,3 +340,19 @@ def test_training_runs_on_a_private_non_dynamic_copy_and_leaves_the_input_model_
     assert all(torch.equal(before[k], after[k]) for k in before)
     if reloads:  # the host's own reload path: the input stays where it was loaded
         assert any(lm.model is model for lm in mm.current_loaded_models)
+
+
+def test_full_finetune_delta_does_not_depend_on_what_else_patched_the_shared_network(comfy, pack, loaded):
+    """A full fine-tune trains the private copy in place when the input's weights are its exact start; a
+    LoRA'd clone of the same network sampled just before (its weights patched in place) must not change
+    the difference it hands back."""
+    C = pack["classes"]
+    kw = dict(conditioning=loaded["target"], latent=loaded["latent"], steps=3, learning_rate=1e-4, seed=4,
+              method="full", rank=4, gradient_checkpointing=False)
+    _, plain, _ = call(C["ImagicFinetuneUNet"], model=loaded["model"], **kw)
+    _, lora, _ = call(C["ImagicFinetuneUNet"], model=loaded["model"], **dict(kw, method="lora", learning_rate=1e-2))
+    upstream = call_node("LoraModelLoader", model=loaded["model"], lora=lora, strength_model=1.0)[0]
+    sample(comfy, upstream, loaded["target"], loaded["empty"], loaded["latent"])  # patches the shared weights
+    _, again, _ = call(C["ImagicFinetuneUNet"], model=loaded["model"], **kw)
+    assert plain.keys() == again.keys() and any(k.endswith(".diff") for k in plain)
+    assert all(torch.equal(plain[k], again[k]) for k in plain)

@@ -457,8 +457,11 @@ def validate(wf: dict, mappings, files: Iterable[str] = ()) -> list[str]:
                     isinstance(w, dict) and nd.input(w.get("name"))):
                 problems.append(f"{where}: has an input {inp.get('name')!r} that {t} does not define")
         for j, out in enumerate(node.get("outputs") or []):
+            # ComfyUI 0.33's SaveImage/PreviewImage pass their images on (an IMAGE output); files saved
+            # there keep that slot, which older hosts lack. Unlinked, their frontends load it cleanly.
             if j >= len(nd.outputs):
-                problems.append(f"{where}: output {j} ({out.get('name')}) does not exist on {t}")
+                if out.get("links"):
+                    problems.append(f"{where}: output {j} ({out.get('name')}) does not exist on {t}")
             elif not _types_match(out.get("type", "*"), nd.outputs[j][1]):
                 problems.append(f"{where}: output {j} type {out.get('type')} but {t} returns {nd.outputs[j][1]}")
         values = _widget_values(node, nd, problems)
