@@ -11,7 +11,6 @@ model) are supported.
 """
 from __future__ import annotations
 
-import json
 import math
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -24,14 +23,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from .defaults import DEFAULTS, PAPER_PRESET  # noqa: F401  (PAPER_PRESET: imported from here)
 from .deltas import WeightDelta
+from .model_folder import check_model_folder, is_local_model
 from .objective import Conditioning
 from .results import ImagicResult
 from .train import ImagicError, ProgressFn, CancelFn, finetune, interpolate, optimize_embedding
-
-from .defaults import DEFAULTS, PAPER_PRESET  # noqa: E402,F401
-
-REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
 
 class _AddDelta(nn.Module):
@@ -161,19 +158,7 @@ class DiffusersDenoiser:
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
 
 
-def _check_model_folder(path: Path) -> dict:
-    index_file = path / "model_index.json"
-    if not path.is_dir() or not index_file.is_file():
-        raise ImagicError(f"{path} is not a diffusers Stable Diffusion folder (no model_index.json). Point --model "
-                          "at a folder saved with save_pretrained(), with unet/, text_encoder/, tokenizer/ and scheduler/.")
-    try:
-        index = json.loads(index_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ImagicError(f"{index_file} is not valid JSON: {e}") from None
-    missing = [c for c in REQUIRED_COMPONENTS if not (isinstance(index.get(c), list) and index[c][0])]
-    if missing:
-        raise ImagicError(f"{path} is not a Stable Diffusion model: model_index.json lacks {', '.join(missing)}")
-    return index
+_check_model_folder = check_model_folder  # the CLI's name for it, until the CLI checks without torch
 
 
 class ImagicPipeline:
@@ -208,8 +193,8 @@ class ImagicPipeline:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or torch.float32
         path = Path(model)
-        if path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
-            index = _check_model_folder(path)
+        if is_local_model(model):
+            index = check_model_folder(path)
             local = True
         else:
             index, local = None, False  # a hub id: diffusers checks it

@@ -17,18 +17,11 @@ import torch
 from torch import nn
 
 from .deltas import WeightDelta, make_delta
+from .errors import ImagicCancelled, ImagicError, ImagicWarning  # noqa: F401  (re-exported)
 from .objective import Conditioning, Denoiser, denoising_loss, draw_noise
 
 ProgressFn = Callable[[int, int, float], None]
 CancelFn = Callable[[], bool]
-
-
-class ImagicError(ValueError):
-    """Bad input or a failed run, with a message that says what to change."""
-
-
-class ImagicCancelled(RuntimeError):
-    """The user cancelled; nothing was returned and nothing was changed."""
 
 
 def check_steps(name: str, steps) -> int:
