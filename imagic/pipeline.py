@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from .defaults import DEFAULTS, PAPER_PRESET  # noqa: F401  (PAPER_PRESET: imported from here)
+from .defaults import DEFAULTS, PAPER_PRESET, lr_finetune_default  # noqa: F401  (PAPER_PRESET: imported from here)
 from .deltas import WeightDelta
 from .model_folder import check_model_folder, is_local_model
 from .objective import Conditioning
@@ -302,7 +302,7 @@ class ImagicPipeline:
         if not isinstance(target_text, str) or not target_text.strip():
             raise ImagicError("the target text is empty: describe the edited image, e.g. 'a photo of a sitting dog'")
         if lr_finetune is None:
-            lr_finetune = DEFAULTS["lr_finetune_lora"] if method == "lora" else DEFAULTS["lr_finetune_full"]
+            lr_finetune = lr_finetune_default(method)
         img = self.load_image(image, size)
         x0 = self.encode_image(img)
         e_tgt = self.encode_text(target_text)

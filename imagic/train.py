@@ -10,12 +10,14 @@ Both training stages run the same loop (``run_training``) on the same objective.
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from .defaults import finetune_lr_warning
 from .deltas import WeightDelta, make_delta
 from .errors import ImagicCancelled, ImagicError, ImagicWarning  # noqa: F401  (re-exported)
 from .objective import Conditioning, Denoiser, denoising_loss, draw_noise
@@ -159,6 +161,9 @@ def finetune(denoiser: Denoiser, x0: torch.Tensor, e_opt: Conditioning, *, steps
     check_conditioning(e_opt, "the optimized conditioning")
     if steps == 0:
         return None, []
+    warning = finetune_lr_warning(method, lr)
+    if warning:
+        warnings.warn(warning, ImagicWarning, stacklevel=2)
     module = denoiser.trainable_module()
     delta = make_delta(method, module, rank, seed, device=x0.device)
     frozen = {k: v.detach() for k, v in e_opt.items()}
