@@ -158,9 +158,6 @@ class DiffusersDenoiser:
                 parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
 
 
-_check_model_folder = check_model_folder  # the CLI's name for it, until the CLI checks without torch
-
-
 class ImagicPipeline:
     def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, text_encoder_2=None, tokenizer_2=None,
                  autocast_dtype=None, gradient_checkpointing: Optional[bool] = None):
