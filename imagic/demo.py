@@ -24,8 +24,11 @@ TARGET_TEXT = "a large red triangle on the left"
 ETAS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # includes the default, DEFAULTS["eta"]
 DEMO_SEED = 0
 DEMO_OUT = "imagic_demo.png"
-# Stage 1 at 2e-2 reaches in 50 steps about what the benchmark's 1e-2 reaches in 100; stage 2 is LoRA at
-# the default rate, 100 steps (the benchmark: 200).
+# Half the edit benchmark's 100 + 200 steps (stage 1 at twice its 1e-2; stage 2 LoRA at the default 1e-4),
+# picked on this example: at seed 0 the default column reads as the target on all four attributes with the
+# background kept, which tests/test_demo.py checks. At seeds 1 and 2 the edit is right too, but the
+# background is redrawn, at eta 0 as well (0.13 and 0.15 from the photo's at eta 0.7), as it is at the
+# benchmark's settings (0.11, 0.09).
 SETTINGS = dict(embedding_steps=50, lr_embedding=2e-2, finetune_steps=100, lr_finetune=1e-4, method="lora",
                 noise_samples=1)
 # Mean absolute difference (0..1) between the result's background and the input's, over the pixels that
@@ -200,8 +203,10 @@ def summary(run: DemoRun) -> str:
                      f"{b:.3f}; another photo's background is about 0.12 away). eta 0 rebuilds the photo; "
                      "towards eta 1 the text weighs more and the photo less.")
     else:
-        problem = (f"the classifier reads {r.text()!r}" if not r.is_target else
-                   f"its background is {b:.3f} from the photo's (the README's run: under {BACKGROUND_LIMIT})")
+        problem = (f"the classifier reads {r.text()!r}; compare the other etas" if not r.is_target else
+                   f"its background is {b:.3f} from the photo's (the limit: {BACKGROUND_LIMIT}), and "
+                   f"{run.background[1]:.3f} at eta 0: at this seed the short fine-tune does not rebuild the "
+                   "photo's background")
         lines.append(f"look at the framed column (eta {eta}, the default): at seed {run.seed} it is not the clean "
-                     f"edit: {problem}. The README shows seed {DEMO_SEED}; compare the other etas.")
+                     f"edit: {problem}. The README shows seed {DEMO_SEED}.")
     return "\n".join(lines)
