@@ -117,29 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--etas", type=_etas, default=None,
                    help=f"comma-separated etas: one image each and a contact sheet, e.g. {eta_sweep_text()} "
                         f"(default: one image at --eta)")
-    e.add_argument("--embedding-steps", type=_stage_steps, default=D["embedding_steps"],
-                   help=f"stage 1 Adam steps, 0 skips (default: {D['embedding_steps']})")
-    e.add_argument("--lr-embedding", type=_learning_rate, default=D["lr_embedding"],
-                   help=f"stage 1 learning rate (default: {format_rate(D['lr_embedding'])})")
-    e.add_argument("--finetune-steps", type=_stage_steps, default=D["finetune_steps"],
-                   help=f"stage 2 Adam steps, 0 skips (default: {D['finetune_steps']})")
+    def default_option(flag, key, what, **kw):  # an option whose default is DEFAULTS[key], shown in its help
+        value = D[key]
+        shown = format_rate(value) if isinstance(value, float) else value
+        e.add_argument(flag, default=value, help=f"{what} (default: {shown})", **kw)
+
+    default_option("--embedding-steps", "embedding_steps", "stage 1 Adam steps, 0 skips", type=_stage_steps)
+    default_option("--lr-embedding", "lr_embedding", "stage 1 learning rate", type=_learning_rate)
+    default_option("--finetune-steps", "finetune_steps", "stage 2 Adam steps, 0 skips", type=_stage_steps)
     e.add_argument("--lr-finetune", type=_learning_rate, default=None,
                    help=f"stage 2 learning rate (default: {format_rate(lr_finetune_default('lora'))} with --method lora, "
                         f"{format_rate(lr_finetune_default('full'))} with --method full)")
-    e.add_argument("--method", choices=("lora", "full"), default=D["method"],
-                   help=f"stage 2 trains LoRA adapters on every Linear/Conv2d, or all weights (default: {D['method']})")
-    e.add_argument("--rank", type=_at_least_one, default=D["rank"],
-                   help=f"LoRA rank, ignored by --method full (default: {D['rank']})")
-    e.add_argument("--seed", type=_seed, default=D["seed"],
-                   help=f"seed of the training noise and of the sampling noise (default: {D['seed']})")
-    e.add_argument("--sample-steps", type=_at_least_one, default=D["sample_steps"],
-                   help=f"DDIM sampling steps (default: {D['sample_steps']})")
-    e.add_argument("--guidance", type=_number, default=D["guidance"],
-                   help=f"classifier-free guidance scale, against the empty prompt (default: {D['guidance']:g})")
+    default_option("--method", "method", "stage 2 trains LoRA adapters on every Linear/Conv2d, or all weights",
+                   choices=("lora", "full"))
+    default_option("--rank", "rank", "LoRA rank, ignored by --method full", type=_at_least_one)
+    default_option("--seed", "seed", "seed of the training noise and of the sampling noise", type=_seed)
+    default_option("--sample-steps", "sample_steps", "DDIM sampling steps", type=_at_least_one)
+    default_option("--guidance", "guidance", "classifier-free guidance scale, against the empty prompt", type=_number)
     e.add_argument("--size", type=_at_least_one, default=None,
                    help="long side in pixels, aspect ratio kept (default: the model's native size)")
-    e.add_argument("--noise-samples", type=_at_least_one, default=D["noise_samples"],
-                   help=f"noise draws per training step (default: {D['noise_samples']})")
+    default_option("--noise-samples", "noise_samples", "noise draws per training step", type=_at_least_one)
     e.add_argument("--save-result", default=None,
                    help="also save e_tgt, e_opt and the fine-tune to this .safetensors file (default: not saved)")
     e.add_argument("--load-result", default=None,
