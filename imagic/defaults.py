@@ -1,4 +1,9 @@
-"""Defaults shared by the standalone path and the ComfyUI nodes."""
+"""Defaults shared by the standalone path, the CLI, the ComfyUI nodes, the workflows and the README.
+
+This is their one source: ``tests/test_consistency.py`` checks the README's tables and the workflows'
+widget values against it. Nothing here imports torch (the CLI reads it for ``--help``).
+"""
+from typing import Optional
 
 # How they were chosen: README ("Defaults, and why"), from benchmarks/results/convergence.md (objective
 # against step on the toy model) and benchmarks/results/edit_quality*.md (edits on the toy model).
@@ -11,6 +16,51 @@ DEFAULTS = dict(
     method="lora", rank=4, seed=0, noise_samples=1,
     sample_steps=50, guidance=7.5, eta=0.7,
 )
+# The etas of a side-by-side (CLI --etas example, the Eta Sweep node, the eta-sweep workflow).
+ETA_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # The paper's Stable Diffusion settings, reachable with these values.
 PAPER_PRESET = dict(embedding_steps=1000, lr_embedding=2e-3, finetune_steps=1500, lr_finetune=5e-7, method="full")
 
+# A full fine-tune above this rate gets a warning: 20x the paper's 5e-7. On the toy model full at 1e-4
+# over-fits (edit rate 0.50 of 8 cases, against 0.75 at 1e-5: benchmarks/results/edit_quality_quick*.md),
+# and SD's 860 M weights are not safer than the toy's 2 M.
+FULL_LR_WARN_ABOVE = 1e-5
+# LoRA below this rate gets a warning: the full fine-tune's range, 100x below LoRA's default.
+LORA_LR_WARN_BELOW = 1e-6
+
+
+def format_rate(value: float) -> str:
+    """A learning rate as the README writes it: 2e-3, 1e-4, 5e-7 (and 0.5, 1 for large ones)."""
+    if value == 0 or abs(value) >= 0.01:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def eta_sweep_text(sep: str = ",") -> str:
+    """ETA_SWEEP as the comma-separated text the CLI and the Eta Sweep node read."""
+    return sep.join(f"{e:g}" for e in ETA_SWEEP)
+
+
+def lr_finetune_default(method: str) -> float:
+    """Stage 2's default learning rate for ``method`` ("lora" or "full")."""
+    return DEFAULTS["lr_finetune_full"] if method == "full" else DEFAULTS["lr_finetune_lora"]
+
+
+def finetune_lr_warning(method: str, lr: float) -> Optional[str]:
+    """A message when ``lr`` is the other method's size (LoRA's 1e-4 with full, or full's 5e-7 with LoRA), else None.
+
+    Host-neutral wording (no CLI flags, no widget names): the CLI prints it as ``imagic: warning: ...``,
+    the core's ``finetune`` warns with it (ImagicWarning), a node can show it.
+    """
+    full, lora = DEFAULTS["lr_finetune_full"], DEFAULTS["lr_finetune_lora"]
+    if method == "full" and lr > FULL_LR_WARN_ABOVE:
+        return (f"full fine-tuning at learning rate {format_rate(lr)} is {lr / full:.0f}x the paper's "
+                f"{format_rate(full)} for all weights: a LoRA-sized rate lets the fine-tuned model over-fit the "
+                f"photo and ignore the text. Use about {format_rate(full)} with full (its default), or LoRA "
+                f"for {format_rate(lr)}.")
+    if method == "lora" and lr < LORA_LR_WARN_BELOW:
+        return (f"LoRA at learning rate {format_rate(lr)} is {lora / lr:.0f}x below its default {format_rate(lora)}: "
+                f"that is the full fine-tune's range, and the adapters will hardly change the model. Use about "
+                f"{format_rate(lora)} with LoRA.")
+    return None

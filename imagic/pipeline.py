@@ -11,7 +11,6 @@ model) are supported.
 """
 from __future__ import annotations
 
-import json
 import math
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
@@ -22,14 +21,12 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.nn.utils import parametrize
 
+from .defaults import DEFAULTS, PAPER_PRESET, lr_finetune_default  # noqa: F401  (PAPER_PRESET: imported from here)
 from .deltas import WeightDelta, applied, check_fits
+from .model_folder import check_model_folder, is_local_model
 from .objective import Conditioning
 from .results import ImagicResult
 from .train import ImagicError, ProgressFn, CancelFn, finetune, interpolate, optimize_embedding
-
-from .defaults import DEFAULTS, PAPER_PRESET  # noqa: E402,F401
-
-REQUIRED_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")
 
 
 class DiffusersDenoiser:
@@ -101,21 +98,6 @@ class DiffusersDenoiser:
         return applied(delta, self.unet, side_branch=self.lora_side_branch)
 
 
-def _check_model_folder(path: Path) -> dict:
-    index_file = path / "model_index.json"
-    if not path.is_dir() or not index_file.is_file():
-        raise ImagicError(f"{path} is not a diffusers Stable Diffusion folder (no model_index.json). Point --model "
-                          "at a folder saved with save_pretrained(), with unet/, text_encoder/, tokenizer/ and scheduler/.")
-    try:
-        index = json.loads(index_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ImagicError(f"{index_file} is not valid JSON: {e}") from None
-    missing = [c for c in REQUIRED_COMPONENTS if not (isinstance(index.get(c), list) and index[c][0])]
-    if missing:
-        raise ImagicError(f"{path} is not a Stable Diffusion model: model_index.json lacks {', '.join(missing)}")
-    return index
-
-
 class ImagicPipeline:
     def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, text_encoder_2=None, tokenizer_2=None,
                  autocast_dtype=None, gradient_checkpointing: Optional[bool] = None):
@@ -148,8 +130,8 @@ class ImagicPipeline:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or torch.float32
         path = Path(model)
-        if path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
-            index = _check_model_folder(path)
+        if is_local_model(model):
+            index = check_model_folder(path)
             local = True
         else:
             index, local = None, False  # a hub id: diffusers checks it
@@ -257,7 +239,7 @@ class ImagicPipeline:
         if not isinstance(target_text, str) or not target_text.strip():
             raise ImagicError("the target text is empty: describe the edited image, e.g. 'a photo of a sitting dog'")
         if lr_finetune is None:
-            lr_finetune = DEFAULTS["lr_finetune_lora"] if method == "lora" else DEFAULTS["lr_finetune_full"]
+            lr_finetune = lr_finetune_default(method)
         img = self.load_image(image, size)
         x0 = self.encode_image(img)
         e_tgt = self.encode_text(target_text)

@@ -1,14 +1,12 @@
 """One safetensors file per Imagic result: e_tgt, e_opt, the fine-tune delta and the settings.
 
 Loading never unpickles anything, checks what it reads, and says what is wrong with a file that
-is not an Imagic result. Saving writes a temporary file and renames it, so an interrupted save
-never leaves a half-written result under the final name.
+is not an Imagic result. Saving writes a temporary file and renames it (``output.atomic_write``), so an
+interrupted save never leaves a half-written result under the final name.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -19,7 +17,8 @@ from safetensors.torch import save_file
 
 from .deltas import WeightDelta, delta_from_state_dict
 from .objective import Conditioning
-from .train import ImagicError
+from .errors import ImagicError
+from .output import atomic_write  # noqa: F401  (also imported from here)
 
 FORMAT = "imagic-result"
 VERSION = "1"
@@ -38,22 +37,6 @@ class ImagicResult:
     @staticmethod
     def load(path) -> "ImagicResult":
         return load_result(path)
-
-
-def atomic_write(path, write_fn) -> Path:
-    """Call ``write_fn(tmp_path)`` then move the file into place: all or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_result(result: ImagicResult, path) -> Path:

@@ -10,25 +10,20 @@ Both training stages run the same loop (``run_training``) on the same objective.
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from .defaults import finetune_lr_warning
 from .deltas import FullDelta, WeightDelta, make_delta
+from .errors import ImagicCancelled, ImagicError, ImagicWarning  # noqa: F401  (re-exported)
 from .objective import Conditioning, Denoiser, denoising_loss, draw_noise
 
 ProgressFn = Callable[[int, int, float], None]
 CancelFn = Callable[[], bool]
-
-
-class ImagicError(ValueError):
-    """Bad input or a failed run, with a message that says what to change."""
-
-
-class ImagicCancelled(RuntimeError):
-    """The user cancelled; nothing was returned and nothing was changed."""
 
 
 def check_steps(name: str, steps) -> int:
@@ -190,6 +185,9 @@ def finetune(denoiser: Denoiser, x0: torch.Tensor, e_opt: Conditioning, *, steps
     check_conditioning(e_opt, "the optimized conditioning")
     if steps == 0:
         return None, []
+    warning = finetune_lr_warning(method, lr)
+    if warning:
+        warnings.warn(warning, ImagicWarning, stacklevel=2)
     module = denoiser.trainable_module()
     # A host whose trainable module is a private copy may hand the originals, so that a full fine-tune
     # trains that copy's own weights instead of one more copy of them.

@@ -286,9 +286,13 @@ def text_embedding(den, tensor, extra):
 class NodeProgress:
     """The host's progress bar plus a loss read-out on the node, and the Cancel check."""
 
-    def __init__(self, total: int, node_id, label: str):
+    def __init__(self, total: int, node_id, label: str, note: str | None = None):
         self.bar = comfy.utils.ProgressBar(total)
-        self.node_id, self.label = node_id, label
+        self.node_id, self.label, self.note = node_id, label, note
+
+    def text(self, step, total, loss) -> str:
+        line = f"{self.label} {step}/{total}  loss {loss:.4f}"
+        return f"warning: {self.note}\n{line}" if self.note else line
 
     def __call__(self, step, total, loss):
         self.bar.update_absolute(step, total)
@@ -296,8 +300,8 @@ class NodeProgress:
             from server import PromptServer
 
             server = getattr(PromptServer, "instance", None)
-            if server is not None and self.node_id is not None and (step == total or step % 10 == 0):
-                server.send_progress_text(f"{self.label} {step}/{total}  loss {loss:.4f}", self.node_id)
+            if server is not None and self.node_id is not None and (step == total or step % 10 == 0 or step == 1):
+                server.send_progress_text(self.text(step, total, loss), self.node_id)
         except ImportError:
             pass
 

@@ -1,13 +1,16 @@
 """Imagic stages 1 and 2 as nodes: Optimize Embedding and Fine-tune UNet."""
 from __future__ import annotations
 
+import logging
+import warnings
+
 import torch
 from comfy_api.latest import io
 
 from .schema import schema
 
-from ..imagic import finetune, optimize_embedding
-from ..imagic.defaults import DEFAULTS
+from ..imagic import ImagicWarning, finetune, optimize_embedding
+from ..imagic.defaults import DEFAULTS, finetune_lr_warning
 from .host_adapter import (NodeProgress, latent_for, lora_patched_model, prepare_training, run_cancellable,
                            text_embedding)
 
@@ -83,7 +86,8 @@ class ImagicFinetuneUNet(io.ComfyNode):
                         "input MODEL is never changed.",
             inputs=_common_inputs("The optimized embedding e_opt from Imagic Optimize Embedding.",
                                   DEFAULTS["finetune_steps"], DEFAULTS["lr_finetune_lora"],
-                                  "Adam learning rate (LoRA: 1e-4; full fine-tune as in the paper: 5e-7).") + [
+                                  "Adam learning rate (LoRA: 1e-4; full fine-tune as in the paper: 5e-7). With method "
+                                  "full, set about 5e-7: a LoRA-sized rate over-fits (the node warns).") + [
                 io.Combo.Input("method", options=["lora", "full"], default="lora",
                                tooltip="lora: low-rank adapters on every linear and conv layer (fast, small). "
                                        "full: all weights (the paper's setting, slow and large)."),
@@ -105,8 +109,13 @@ class ImagicFinetuneUNet(io.ComfyNode):
         tensor, extra, den = prepare_training(model, conditioning, latent, "the optimized conditioning")
         if steps == 0:
             return io.NodeOutput(model.clone(), {}, {"loss": []})
-        progress = NodeProgress(steps, _node_id(cls), f"fine-tune ({method})")
-        with den.loaded(gradient_checkpointing):
+        # The widget's default is LoRA's rate; switching the method to full keeps it unless the user changes it.
+        warning = finetune_lr_warning(method, learning_rate)
+        if warning:
+            logging.warning("Imagic Fine-tune UNet: %s", warning)
+        progress = NodeProgress(steps, _node_id(cls), f"fine-tune ({method})", note=warning)
+        with den.loaded(gradient_checkpointing), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImagicWarning)  # shown above and on the node, not twice
             x0 = latent_for(model, latent).to(den.device)
             e_opt = text_embedding(den, tensor, extra)
             delta, losses = run_cancellable(lambda: finetune(

@@ -110,6 +110,7 @@ def test_stage1_lowers_held_out_objective_and_leaves_model_untouched(pipe, case)
 
 
 @pytest.mark.parametrize("method,lr", [("lora", 1e-2), ("full", 1e-3)])
+@pytest.mark.filterwarnings("ignore::imagic.errors.ImagicWarning")  # a tiny random model needs a large rate
 def test_stage2_lowers_objective_further_and_never_mutates_the_model(pipe, case, stage1, method, lr):
     e_opt, _ = stage1
     before = snapshot(pipe.unet)

@@ -164,20 +164,33 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, n: int, ss: int) -> 
     return inside.reshape(n, ss, n, ss).mean(axis=(1, 3))
 
 
+def object_coverage(attrs: dict, details: Details, grow: float = 0.0, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Coverage in [0,1] of the object that :func:`render` draws, its half-extent grown by ``grow`` px."""
+    k = size / IMAGE_SIZE
+    r = (SIZE_PX[attrs["size"]] * details.scale + grow) * k
+    cx = (POSITION_X[attrs["position"]] + details.dx) * k
+    cy = (CENTER_Y + details.dy) * k
+    return _shape_mask(attrs["shape"], cx, cy, r, size, SUPERSAMPLE)
+
+
+def background_mask(details: Details, *attrs: dict, margin: float = 1.5) -> np.ndarray:
+    """True where none of the objects ``attrs`` (drawn with ``details``, ``margin`` px grown) covers the image."""
+    mask = np.ones((IMAGE_SIZE, IMAGE_SIZE), bool)
+    for a in attrs:
+        mask &= object_coverage(a, details, grow=margin) == 0
+    return mask
+
+
 def render(attrs: dict, details: Details, size: int = IMAGE_SIZE) -> np.ndarray:
     """Render to a uint8 [size, size, 3] array."""
     n = size
-    k = n / IMAGE_SIZE
     # background: linear gradient from bg_a to bg_b along bg_angle
     c = (np.arange(n, dtype=np.float32) + 0.5) / n - 0.5
     u = np.cos(details.bg_angle) * c[None, :] + np.sin(details.bg_angle) * c[:, None]
     t = np.clip(u / np.sqrt(0.5) * 0.5 + 0.5, 0, 1)[..., None]
     bg = (1 - t) * np.asarray(details.bg_a, np.float32) + t * np.asarray(details.bg_b, np.float32)
 
-    r = SIZE_PX[attrs["size"]] * details.scale * k
-    cx = (POSITION_X[attrs["position"]] + details.dx) * k
-    cy = (CENTER_Y + details.dy) * k
-    cov = _shape_mask(attrs["shape"], cx, cy, r, n, SUPERSAMPLE)[..., None]
+    cov = object_coverage(attrs, details, size=n)[..., None]
     fg = np.clip(np.asarray(COLOUR_RGB[attrs["colour"]], np.float32) + np.asarray(details.tint, np.float32), 0, 255)
     img = (1 - cov) * bg + cov * fg
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
