@@ -132,33 +132,21 @@ class FullDelta(WeightDelta):
         super().__init__()
         self.diffs = nn.ParameterList()
         self._index = {}
-        self._base: Optional[List[torch.Tensor]] = None  # training form: the original values
-        self.in_place = False  # training form on a private module's own weights
+        self._base: Optional[List[torch.Tensor]] = None  # training form: the module's tensors
         for i, (name, shape) in enumerate(sorted(shapes.items())):
             self.diffs.append(nn.Parameter(torch.zeros(shape, device=device)))
             self._index[name] = i
 
     @classmethod
-    def trainable(cls, module: nn.Module, device=None, reference: Optional[Mapping[str, torch.Tensor]] = None
-                  ) -> "FullDelta":
-        """The training form. With ``reference`` (the untouched original values of every target, held
-        elsewhere), ``module`` must be a private copy: its own fp32 weights are trained in place and
-        no copy is made at all; the difference is then taken against ``reference``."""
+    def trainable(cls, module: nn.Module, device=None) -> "FullDelta":
         params = dict(module.named_parameters())
         names = sorted(full_target_shapes(module))
         delta = cls({}, device=device)
         delta._base = []
-        delta.in_place = reference is not None
         for i, name in enumerate(names):
-            w = params[name]
-            if delta.in_place:
-                if w.dtype != torch.float32 or reference[name].shape != w.shape:
-                    raise ValueError(f"cannot train {name} in place ({w.dtype}, reference {tuple(reference[name].shape)})")
-                delta.diffs.append(w.requires_grad_(True))
-                delta._base.append(reference[name].detach())
-            else:
-                delta.diffs.append(nn.Parameter(w.detach().to(device=device, dtype=torch.float32, copy=True)))
-                delta._base.append(w.detach())
+            w = params[name].detach()
+            delta.diffs.append(nn.Parameter(w.to(device=device, dtype=torch.float32, copy=True)))
+            delta._base.append(w)
             delta._index[name] = i
         return delta
 
@@ -171,24 +159,12 @@ class FullDelta(WeightDelta):
         return self.diffs[self._index[name]]
 
     def finish(self) -> "FullDelta":
-        """Training form -> difference form (W' - W), tensor by tensor, so no second copy is ever made.
-
-        In place on the trained copies; when the private module's own weights were trained, each
-        difference replaces that weight's place in this delta and the module gets its original back.
-        """
+        """Training form -> difference form, in place (W' -= W), so no second copy is ever made."""
         if self._base is not None:
             with torch.no_grad():
                 for i, w in enumerate(self._base):
-                    trained = self.diffs[i]
-                    if getattr(self, "in_place", False):
-                        trained.requires_grad_(False)
-                        diff = trained - w.to(trained)
-                        trained.copy_(w.to(trained))  # the private module is as it was before training
-                        self.diffs[i] = nn.Parameter(diff, requires_grad=False)
-                    else:
-                        trained.sub_(w.to(trained))
+                    self.diffs[i].sub_(w.to(self.diffs[i]))
             self._base = None
-            self.in_place = False
         return self
 
     def names(self):
@@ -254,13 +230,12 @@ def delta_from_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = "") -> W
     return delta
 
 
-def make_delta(method: str, module: nn.Module, rank: int, seed: int, device=None,
-               reference: Optional[Mapping[str, torch.Tensor]] = None) -> WeightDelta:
+def make_delta(method: str, module: nn.Module, rank: int, seed: int, device=None) -> WeightDelta:
     if method == "lora":
         g = torch.Generator().manual_seed(int(seed))
         return LoraDelta(lora_target_shapes(module), rank=rank, generator=g, device=device)
     if method == "full":
-        return FullDelta.trainable(module, device=device, reference=reference)
+        return FullDelta.trainable(module, device=device)
     raise ValueError(f"unknown fine-tune method {method!r}; use one of {METHODS}")
 
 
@@ -335,8 +310,6 @@ def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool =
         for name in delta.names():
             module_name, tensor_name = name.rsplit(".", 1)
             layer = module.get_submodule(module_name)
-            if isinstance(delta, FullDelta) and delta.in_place:
-                continue  # the module computes with its own (trained) weights already
             if side_branch and delta.method == "lora" and tensor_name == "weight" and side_branch_ok(layer):
                 hooks.append(layer.register_forward_hook(_lora_side_branch(delta, name)))
                 continue

@@ -189,10 +189,7 @@ def finetune(denoiser: Denoiser, x0: torch.Tensor, e_opt: Conditioning, *, steps
     if warning:
         warnings.warn(warning, ImagicWarning, stacklevel=2)
     module = denoiser.trainable_module()
-    # A host whose trainable module is a private copy may hand the originals, so that a full fine-tune
-    # trains that copy's own weights instead of one more copy of them.
-    reference = getattr(denoiser, "full_reference", lambda: None)() if method == "full" else None
-    delta = make_delta(method, module, rank, seed, device=x0.device, reference=reference)
+    delta = make_delta(method, module, rank, seed, device=x0.device)
     frozen = {k: v.detach() for k, v in e_opt.items()}
     loss_fn = _loss_closure(denoiser, x0, lambda: frozen, noise_samples, seed)
     with denoiser.attach(delta):

@@ -1,11 +1,12 @@
 """The Imagic core on ComfyUI's model management: the ``Denoiser`` adapter and conditioning glue.
 
-Training runs on a private, non-dynamic copy of the incoming MODEL, made once per stage outside
-inference mode, as the host's own trainer does (``clone(force_deepcopy=True)``). Its weights are
-ordinary tensors, so the frozen weights are used as they are at every step (no per-call copy), and
-on NVIDIA the DynamicVRAM patcher, which may hand autograd a VRAM-resident inference tensor or a
-reused transfer buffer, is never trained through. The copy carries the MODEL's patches (an upstream
-LoRA), wrappers and options. The trained delta is applied by ``imagic.deltas.applied``, the same code
+Training runs on a private, non-dynamic model made once per stage outside inference mode
+(``training_model``): a DynamicVRAM MODEL is reloaded as the host's own trainer does
+(``clone(force_deepcopy=True)``), so the dynamic patcher, which may hand autograd a VRAM-resident
+inference tensor or a reused transfer buffer, is never trained through; a plain ModelPatcher gets a
+private network whose weights are ordinary tensors on the input's own memory (no copy). Either way
+the frozen weights are used as they are at every step (no per-call copy), and the private model
+carries the MODEL's patches (an upstream LoRA), wrappers and options. The trained delta is applied by ``imagic.deltas.applied``, the same code
 the diffusers path uses: LoRA as a side branch of each layer. The input MODEL, and every other user
 of it, never sees a change; the copy is dropped when the stage ends.
 """
@@ -51,17 +52,28 @@ def _unload_users(network) -> None:
             mm.current_loaded_models.pop(i).model_unload()
 
 
-def _fresh_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """The same network with its own parameters and buffers (fresh tensors), hooks and weight functions.
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """An ordinary tensor on the same memory as ``t`` (an inference tensor, say): no copy is made.
+
+    Autograd may save it for the backward pass, which it refuses for the inference tensors the
+    host's loaders make. Only safe for tensors nobody writes: the frozen weights.
+    """
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    return out.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
+def _aliased_network(module: torch.nn.Module) -> torch.nn.Module:
+    """The same network with its own parameter and buffer objects on the same memory (``_alias``), and
+    its own hooks and weight-function lists, so nothing done to it reaches the original module.
 
     A structural copy rather than ``copy.deepcopy``: the host's model objects hold state deepcopy
     cannot rebuild, and only the tensors and the per-module mutable containers must not be shared.
     """
     new = copy.copy(module)
-    new._parameters = {k: None if v is None else torch.nn.Parameter(v.detach().clone(), requires_grad=False)
+    new._parameters = {k: None if v is None else torch.nn.Parameter(_alias(v), requires_grad=False)
                        for k, v in module._parameters.items()}
-    new._buffers = {k: None if v is None else v.detach().clone() for k, v in module._buffers.items()}
-    new._modules = {k: None if v is None else _fresh_copy(v) for k, v in module._modules.items()}
+    new._buffers = {k: None if v is None else _alias(v) for k, v in module._buffers.items()}
+    new._modules = {k: None if v is None else _aliased_network(v) for k, v in module._modules.items()}
     for k, v in module.__dict__.items():
         if k.endswith("hooks") and isinstance(v, dict):
             setattr(new, k, type(v)(v))
@@ -70,29 +82,40 @@ def _fresh_copy(module: torch.nn.Module) -> torch.nn.Module:
     return new
 
 
-def training_model(model):
-    """A private, non-dynamic ModelPatcher of ``model`` whose weights are fresh, ordinary tensors.
+def training_model(model, reload: bool | None = None):
+    """(private, non-dynamic ModelPatcher of ``model`` with ordinary weight tensors, whether its weights
+    are copies of their own) for a training stage. Call outside inference mode.
 
-    Call outside inference mode. Where the host can reload the model as its own trainer does
-    (``clone(force_deepcopy=True)``, with the loader's ``cached_patcher_init``), that is used: the
-    input MODEL stays loaded where it is. Otherwise (older hosts, or a MODEL no core loader made)
-    the network is copied once from its unpatched weights; a DynamicVRAM MODEL that cannot be
-    reloaded is refused rather than trained through its dynamic weights.
+    A DynamicVRAM MODEL (0.33 on NVIDIA) is reloaded as the host's own trainer does
+    (``clone(force_deepcopy=True)``, a fresh non-dynamic load through the loader's
+    ``cached_patcher_init``): its weights are never trained through, and it stays loaded where it
+    is. A plain ModelPatcher gets a private network whose weights share the input's memory
+    (``_aliased_network``): no copy, and the input's weights are only ever read. ``reload`` forces
+    one or the other (tests). A DynamicVRAM MODEL that cannot be reloaded is refused.
     """
-    if ("force_deepcopy" in inspect.signature(model.clone).parameters
-            and getattr(model, "cached_patcher_init", None) is not None):
-        return model.clone(force_deepcopy=True)
-    if getattr(model, "is_dynamic", lambda: False)():
-        raise ImagicError("this MODEL cannot be copied for training: it uses DynamicVRAM and was not made by a core "
-                          "loader node; load it with Load Checkpoint or Load Diffusion Model, or start ComfyUI "
-                          "with --disable-dynamic-vram")
-    _unload_users(model.model)
+    dynamic = getattr(model, "is_dynamic", lambda: False)()
+    can_reload = ("force_deepcopy" in inspect.signature(model.clone).parameters
+                  and getattr(model, "cached_patcher_init", None) is not None)
+    if reload is None:
+        reload = dynamic
+    if reload:
+        if not can_reload:
+            raise ImagicError("this MODEL cannot be copied for training: it uses DynamicVRAM and was not made by a "
+                              "core loader node; load it with Load Checkpoint or Load Diffusion Model, or start "
+                              "ComfyUI with --disable-dynamic-vram")
+        return model.clone(force_deepcopy=True), True
+    if getattr(model, "backup", None):
+        _unload_users(model.model)  # another clone patched the shared weights in place: restore them first
     clone = model.clone()
-    clone.model = _fresh_copy(model.model)
+    clone.model = _aliased_network(model.model)
     clone.backup, clone.object_patches_backup = {}, {}
     if hasattr(clone, "pinned"):
         clone.pinned = set()
-    return clone
+    if getattr(clone, "weight_inplace_update", False):
+        # Patched weights would be written into the shared memory: give those keys memory of their own.
+        for key in clone.patches:
+            comfy.utils.set_attr_param(clone.model, key, comfy.utils.get_attr(clone.model, key).clone())
+    return clone, False
 
 
 class ComfyDenoiser:
@@ -108,6 +131,8 @@ class ComfyDenoiser:
         self.cond_extra = dict(cond_extra)
         self.width, self.height = width, height
         self.patcher = self.base = None
+        self.owns_weights = False  # whether the training copy's weights are its own memory
+        self.reload = None  # training_model's choice (tests force one)
         self.device = comfy.model_management.get_torch_device()
         self._checkpointed: List[torch.nn.Module] = []
 
@@ -153,20 +178,6 @@ class ComfyDenoiser:
     def trainable_module(self):
         return self.base.diffusion_model
 
-    def full_reference(self):
-        """The input MODEL's own weights, when they are exactly what the private copy started from (no
-        weight patches, fp32, not dynamic): then a full fine-tune trains the private copy in place."""
-        src = self.source
-        # backup: another clone of this network (an upstream LoRA, say) has patched its weights in place.
-        if (src.patches or getattr(src, "backup", None) or getattr(src, "weight_wrapper_patches", None)
-                or getattr(src, "is_dynamic", lambda: False)()):
-            return None
-        ref = dict(src.model.diffusion_model.named_parameters())
-        mine = dict(self.base.diffusion_model.named_parameters())
-        if set(ref) != set(mine) or any(t.dtype != torch.float32 or t.shape != ref[k].shape for k, t in mine.items()):
-            return None
-        return ref
-
     def attach(self, delta):
         return applied(delta, self.base.diffusion_model)
 
@@ -192,7 +203,7 @@ class ComfyDenoiser:
         with torch.inference_mode(False), torch.enable_grad():
             was_training = getattr(mm, "in_training", None)
             try:
-                self.patcher = training_model(self.source)
+                self.patcher, self.owns_weights = training_model(self.source, self.reload)
                 self.base = self.patcher.model
                 self.base.requires_grad_(False)
                 mm.load_models_gpu([self.patcher], memory_required=0, force_full_load=True)

@@ -314,43 +314,54 @@ def test_training_sees_an_upstream_lora_and_keeps_it(comfy, pack, loaded):
     assert all(len(tuned.patches[k]) == len(upstream.patches[k]) + 1 for k in upstream.patches)
 
 
-def test_training_runs_on_a_private_non_dynamic_copy_and_leaves_the_input_model_loaded(comfy, pack, loaded):
-    """The training model is the pack's own: not the input's network, not the DynamicVRAM patcher, with
-    ordinary (non-inference) weights used as they are; the input MODEL keeps its weights and its place."""
+@pytest.mark.parametrize("reload", [None, True], ids=["as-chosen", "host-reload"])
+def test_training_runs_on_a_private_non_dynamic_model_and_leaves_the_input_model_loaded(comfy, pack, loaded, reload):
+    """The training model is the pack's own: not the input's network, never the DynamicVRAM patcher, with
+    ordinary (non-inference) frozen weights used as they are; the input MODEL keeps its weights and its
+    place. As chosen for this MODEL: the host's reload for a DynamicVRAM MODEL, else a private network on
+    the input's memory (no copy). host-reload: the path a DynamicVRAM MODEL takes, forced here."""
     import inspect
 
     HA, mm = pack["host_adapter"], comfy.host.model_management
     model = loaded["model"]
+    can_reload = "force_deepcopy" in inspect.signature(model.clone).parameters and model.cached_patcher_init is not None
+    if reload and not can_reload:
+        pytest.skip("this host has no clone(force_deepcopy=True) (before ComfyUI 0.11): DynamicVRAM does not exist there")
+    dynamic = hasattr(model, "is_dynamic") and model.is_dynamic()
+    if host_device() == "cuda" and can_reload:
+        # scripts/gpu_host_check.sh: the case this guards against is the DynamicVRAM input MODEL.
+        assert dynamic, "expected the host's DynamicVRAM default on NVIDIA"
     with torch.inference_mode():
         mm.load_models_gpu([model])
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
-    reloads = "force_deepcopy" in inspect.signature(model.clone).parameters and model.cached_patcher_init is not None
-    if host_device() == "cuda" and reloads:
-        # scripts/gpu_host_check.sh: the case this guards against is the DynamicVRAM input MODEL.
-        assert model.is_dynamic(), "expected the host's DynamicVRAM default on NVIDIA"
     tensor, extra = loaded["target"][0]
     den = HA.ComfyDenoiser(model, extra, 64, 64)
+    den.reload = reload
     with den.loaded():
         assert den.base is not model.model and den.base.diffusion_model is not model.model.diffusion_model
         assert not (hasattr(den.patcher, "is_dynamic") and den.patcher.is_dynamic())
         weights = list(den.base.diffusion_model.parameters())
+        originals = list(model.model.diffusion_model.parameters())
         assert weights and not any(w.is_inference() or w.requires_grad for w in weights)
-        shared = {w.data_ptr() for w in model.model.diffusion_model.parameters()}
-        assert not shared & {w.data_ptr() for w in weights}, "the copy must not share storage with the input"
+        assert not {id(w) for w in weights} & {id(w) for w in originals}
+        shared = {w.data_ptr() for w in originals} & {w.data_ptr() for w in weights}
+        if den.owns_weights:
+            assert reload or dynamic
+            assert not shared, "a reloaded copy has memory of its own"
+        else:
+            assert len(shared) == len(weights), "a plain MODEL's weights are used where they are: no copy"
         if hasattr(mm, "in_training"):
             assert mm.in_training, "set while training, as the host's own trainer does"
-    assert den.patcher is None, "the copy is dropped when the stage ends"
+    assert den.patcher is None, "the training model is dropped when the stage ends"
     assert not getattr(mm, "in_training", False)
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    if reloads:  # the host's own reload path: the input stays where it was loaded
-        assert any(lm.model is model for lm in mm.current_loaded_models)
+    assert any(lm.model is model for lm in mm.current_loaded_models), "the input MODEL stays loaded"
 
 
 def test_full_finetune_delta_does_not_depend_on_what_else_patched_the_shared_network(comfy, pack, loaded):
-    """A full fine-tune trains the private copy in place when the input's weights are its exact start; a
-    LoRA'd clone of the same network sampled just before (its weights patched in place) must not change
-    the difference it hands back."""
+    """The training network shares the input's weights; a LoRA'd clone of the same network sampled just
+    before (its weights patched in place) must not change what a full fine-tune hands back."""
     C = pack["classes"]
     kw = dict(conditioning=loaded["target"], latent=loaded["latent"], steps=3, learning_rate=1e-4, seed=4,
               method="full", rank=4, gradient_checkpointing=False)
