@@ -191,11 +191,18 @@ def configurations(cuda: bool, bf16_ok: bool, stage2_base: str, backend: str = "
 
 
 MERGED = "project defaults [LoRA merged into the weights]"
+FULL_METHOD = "full fine-tune, the project's method [core FullDelta]"
+# Stage "sample" (diffusers): one DDIM step with CFG, a delta applied as ImagicPipeline.sample does.
+SAMPLE_ROWS = [("baseline", "lora", "none"),
+               ("project defaults", "lora", "side"),
+               ("LoRA merged into the weights at every call", "lora", "merged"),
+               ("full fine-tune, the project's method [difference merged once]", "full", "cached"),
+               ("full difference merged at every call", "full", "merged")]
 
 
 def lora_side_branch(cfg: dict, backend: str) -> bool:
-    """Does this row's LoRA run as a side branch (diffusers adapter default), not merged?"""
-    return backend == "diffusers" and cfg["method"] == "lora" and cfg.get("lora_impl") != "merged"
+    """Does this row's LoRA run as a side branch (both backends' default), not merged?"""
+    return cfg["method"] == "lora" and cfg.get("lora_impl") != "merged"
 
 
 # ----------------------------------------------------------------------------- memory helpers
@@ -236,18 +243,21 @@ def estimate_gb(model: str, latent: int, stage: str, cfg: dict, backend: str = "
                 tiny: bool = False) -> float:
     """Rough upper estimate of the peak (weights + training state + activations), GB.
 
-    Stage 2 adds a full delta to each weight as ``weight + delta`` (a parametrization), and the
-    layer keeps that merged weight for its backward pass: one more copy of the weights (half
-    a copy under autocast, none with checkpointing). LoRA does the same when merged (the host,
-    and the "merged" row); the diffusers adapter's default side branch merges nothing. Under
-    autocast, stage 1 keeps the half-precision copy of every weight for its backward pass too.
-    On the host, the training clone's weight wrappers make every layer cast a fresh copy of its
-    weight (``cast_bias_weight(copy=True)``), which the layer keeps for its backward pass in
-    stage 1 too: one more copy of the weights there as well, none with checkpointing (measured on
-    a 70 M-parameter host UNet: 0.23 GB more than with checkpointing, for 0.26 GB of weights).
+    Both backends apply a delta the same way (``imagic.deltas.applied``): LoRA as a side branch of
+    each layer (nothing merged; the "merged" row merges it into the weights, one more copy kept for
+    the backward pass), and a full fine-tune by training one fp32 copy W' of the weights, each
+    tensor taking its Adam step as its gradient completes (``run_training(step_in_backward)``):
+    base + W' + 2 Adam states, no model-sized gradient. The host trains a private network on the
+    input's own memory (no weight copy). The in-place baseline (the peer's method): weights +
+    gradients + 2 Adam states. Under autocast, stage 1 keeps the half-precision copy of every
+    weight for its backward pass.
     """
     p = param_count(backend, model, tiny) * 4 / GB
     proc = PROCESS_GB[backend]
+    if stage == "sample":  # no gradients: the weights, a full difference if any, a forward's activations
+        copies = {"none": 1, "side": 1, "merged": 2 if cfg["method"] == "full" else 1, "cached": 3}
+        return p * copies[cfg.get("sample_impl", "none")] \
+            + 0.5 * ACTIVATION_GB_32[model]["embedding"] * (latent / 32) ** 2 + proc
     act = ACTIVATION_GB_32[model][stage] * (latent / 32) ** 2
     if cfg["autocast"]:
         act *= 0.6
@@ -259,16 +269,14 @@ def estimate_gb(model: str, latent: int, stage: str, cfg: dict, backend: str = "
     if stage == "finetune" and not side:
         act += STAGE2_FIXED_GB[model]
     if stage == "embedding":  # autocast keeps the half-precision copy of each weight for the backward pass
-        if backend == "host":
-            return p + act + (0.0 if cfg["ckpt"] else p) + proc
         return p + act + (0.5 * p if cfg["autocast"] and not cfg["ckpt"] else 0.0) + proc
-    merged = 0.0 if cfg["ckpt"] or side else (0.5 * p if cfg["autocast"] else p)
-    foreach_tmp = p if cfg["adam"] == "fast" else 0.0  # foreach Adam's sqrt(v) list on CPU
     if cfg["method"] == "lora":
+        merged = 0.0 if cfg["ckpt"] or side else (0.5 * p if cfg["autocast"] else p)
         return p + merged + act + proc
+    foreach_tmp = p if cfg["adam"] == "fast" else 0.0  # foreach Adam's sqrt(v) list on CPU (in-place rows)
     if cfg["full_impl"] == "inplace":  # the weights themselves train: grads + 2 Adam states
         return p + 3 * p + foreach_tmp + act + proc
-    return p + p + 3 * p + merged + foreach_tmp + act + proc  # base + delta + its grad + 2 Adam states
+    return p + p + 2 * p + act + proc  # base + W' + 2 Adam states (gradients stepped and freed in backward)
 
 
 # ----------------------------------------------------------------------------- worker
@@ -430,6 +438,8 @@ def diffusers_stage(args, cfg, meter):
     unet, den, x0, e_tgt, n_params = prepare(args.model, cfg, args.device, args.latent, tiny=args.tiny)
     info = dict(params=n_params, build_s=round(time.perf_counter() - t_build, 2))
     total = args.warmup + args.steps
+    if args.stage == "sample":
+        return info, sample_steps(den, unet, x0, e_tgt, cfg, total, meter)
     meter.start()
     with den.training():
         if args.stage == "embedding":
@@ -442,6 +452,39 @@ def diffusers_stage(args, cfg, meter):
             _, losses = imagic.finetune(den, x0, e_tgt, steps=total, lr=lr, method=cfg["method"],
                                         rank=DEFAULTS["rank"], progress=meter, adam=cfg["adam"])
     return info, losses
+
+
+def sample_steps(den, unet, x0, e_tgt, cfg, total, meter):
+    """DDIM steps as ImagicPipeline.sample takes them (a batch of 2, the prompt and the empty text,
+    no gradients) with a trained delta applied by ``imagic.deltas.applied``: sample_impl "side" (LoRA
+    as a side branch: the pipeline's way), "cached" (a full difference merged once for all steps,
+    ``parametrize.cached``: the pipeline's way), "merged" (weight + delta formed by each layer at every
+    call), "none" (the model alone; the peer samples its weights trained in place, which costs the same)."""
+    import contextlib
+    import torch
+    from torch.nn.utils import parametrize
+    from imagic.deltas import applied, make_delta
+    from imagic.defaults import DEFAULTS
+
+    delta = None
+    if cfg["sample_impl"] != "none":
+        delta = make_delta(cfg["method"], unet, DEFAULTS["rank"], seed=0, device=x0.device)
+        with torch.no_grad():
+            for t in (delta.up if cfg["method"] == "lora" else []):
+                t.normal_(0, 1e-3)  # a LoRA as trained (up starts at zero)
+        if cfg["method"] == "full":
+            delta.finish()
+        delta.requires_grad_(False)
+    cond = {k: torch.cat([v, v]) for k, v in e_tgt.items()}
+    x = torch.cat([x0, x0])
+    t = torch.full((2,), 500, dtype=torch.long)
+    meter.start()
+    cache = parametrize.cached() if cfg["sample_impl"] == "cached" else contextlib.nullcontext()
+    with torch.no_grad(), applied(delta, unet, side_branch=cfg["sample_impl"] == "side"), cache:
+        for _ in range(total):
+            den.predict(x, t, cond)
+            meter(0, total, float("nan"))
+    return []
 
 
 # ----------------------------------------------------------------------------- host worker (ComfyUI)
@@ -532,7 +575,7 @@ def build_host_model(model: str, dtype_kind: str, tiny: bool, seed: int = 0):
 
 def host_stage(args, cfg, meter):
     """One stage exactly as the nodes run it (nodes/nodes_train.py): under the executor's inference
-    mode, the nodes' own ``prepare_training`` (ComfyDenoiser on a clone of the MODEL), ``den.loaded(...)``
+    mode, the nodes' own ``prepare_training`` (a ComfyDenoiser for the MODEL), ``den.loaded(...)``
     (load_models_gpu, gradient checkpointing), ``latent_for``, ``_embedding``, and the core's
     optimize_embedding / finetune with the node's cancel check. Only the step count, the learning
     rate (imagic.defaults) and the Adam kind come from the configuration."""
@@ -765,7 +808,10 @@ def add_ratios(report) -> None:
         r.pop("time_ratio", None), r.pop("cpu_ratio", None), r.pop("mem_ratio", None)
     for key in {(row_backend(r, report), r["stage"]) for r in rows}:
         group = [r for r in rows if (row_backend(r, report), r["stage"]) == key and r["status"] == "ok"]
-        base = next((r for r in group if r["name"] == "baseline"), None)
+        # The paper baseline (the diffusers in-place run) where it was measured, for both backends.
+        paper = [r for r in rows if row_backend(r, report) == "diffusers" and r["stage"] == key[1]
+                 and r["name"] == "baseline" and r["status"] == "ok"]
+        base = paper[0] if paper else next((r for r in group if r["name"] == "baseline"), None)
         if base is None:
             continue
         for r in group:
@@ -803,7 +849,7 @@ def markdown(report) -> str:
         lines += [f"Backend: the ComfyUI host (`comfy.supported_models.{HOST_MODEL_CLASS[s['model']]}`"
                   + ("" if s.get("tiny") else ", with the UNet config the host detects for the real checkpoint")
                   + f", `get_model`, in a `ModelPatcher`; the host's attention "
-                  f"`{r0.get('attention', '?')}`). Each stage runs as the nodes run it: `ComfyDenoiser` on a clone, "
+                  f"`{r0.get('attention', '?')}`). Each stage runs as the nodes run it: `ComfyDenoiser` on the nodes' private training model, "
                   "`den.loaded(gradient_checkpointing=...)`, then `optimize_embedding` / `finetune` of the core.",
                   ""]
     after = {"host": "loading the model (`load_models_gpu`)", "diffusers": "building the model"}
@@ -858,7 +904,7 @@ def plan_rows(args, cuda: bool, bf16_ok: bool, cap: float):
                                    tiny=args.tiny) <= cap
         full_impl = "core" if fits else "inplace"
     plan = []
-    for stage in stages:
+    for stage in [st for st in stages if st != "sample"]:
         for name, cfg in confs:
             if stage == "embedding":
                 if name in ("lora", "full fine-tune", MERGED):
@@ -868,12 +914,18 @@ def plan_rows(args, cuda: bool, bf16_ok: bool, cap: float):
                     cfg["ckpt"] = False  # the Optimize Embedding node has no checkpointing
             else:
                 cfg = dict(cfg, full_impl=full_impl if cfg["method"] == "full" else "-")
+                if host and name == "baseline":
+                    # The nodes' full fine-tune; ratios are to the paper baseline (diffusers, in place).
+                    name = FULL_METHOD
             plan.append((name, stage, cfg))
-        if stage == "finetune" and full_impl == "inplace" and args.full_impl == "auto" and not host:
-            # What users of method="full" run, for comparison (skipped when it cannot fit).
-            for name, change in (("baseline [core FullDelta]", {}),
-                                 ("grad checkpointing [core FullDelta]", dict(ckpt=True))):
-                plan.append((name, stage, dict(BASE, **change)))
+        if stage == "finetune" and full_impl == "inplace" and not host:
+            # What users of method="full" run (the core's FullDelta), beside the in-place baseline.
+            plan.append((FULL_METHOD, stage, dict(BASE, full_impl="core")))
+
+    if "sample" in stages and not host:
+        pd = project_defaults(cuda, bf16_ok)
+        for name, method, impl in SAMPLE_ROWS:
+            plan.append((name, "sample", dict(pd, method=method, sample_impl=impl, full_impl="-")))
     if args.only:
         wanted = {n.strip() for n in args.only.split(";")}
         plan = [p for p in plan if p[0] in wanted]
@@ -1007,7 +1059,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3, help="measured steps per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps before them")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    ap.add_argument("--stages", default="embedding,finetune")
+    ap.add_argument("--stages", default="embedding,finetune",
+                    help="comma-separated: embedding, finetune, sample (diffusers: one DDIM step with CFG)")
     ap.add_argument("--only", default=None, help="configuration names to run, separated by ';' (default: all)")
     ap.add_argument("--exclude", default=None, help="configuration names not to run, separated by ';'")
     ap.add_argument("--stage2-base", choices=("full", "lora"), default="full",

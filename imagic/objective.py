@@ -8,7 +8,8 @@ things about their model, and this module does the rest:
 * ``sample_timesteps(n, generator)``: n noise levels drawn uniformly over the model's training range,
   in the model's own units (diffusers: integer timesteps, ComfyUI: sigmas, flow models: t in [0, 1]);
 * ``alpha_sigma(t)``: the signal and noise scales at those levels, ``x_t = alpha * x0 + sigma * noise``;
-* ``predict(x_t, t, cond)``: the model's raw output in its own parameterization.
+* ``predict(x_t, t, cond)``: the model's raw output in its own parameterization;
+* optionally ``noise_scale``: the factor the model's training noise was scaled by (default 1).
 
 Rectified-flow models fit the same form (alpha = 1 - t, sigma = t, target = noise - x0), so adding
 one is a new adapter, not a new loss.
@@ -66,6 +67,9 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, cond: Conditioning,
     x0: the clean latent [1, C, H, W]; noise: [n, C, H, W]; t: [n] noise levels in the model's units.
     """
     n = noise.shape[0]
+    # Some flow models were trained on scaled noise, x_t = (1 - t) x0 + t * (s * noise) (ComfyUI's
+    # noise_scale, e.g. 8 for HiDream-O1): their velocity target is s * noise - x0.
+    noise = noise * float(getattr(denoiser, "noise_scale", 1.0))
     alpha, sigma = denoiser.alpha_sigma(t)
     shape = (n,) + (1,) * (noise.ndim - 1)
     alpha = alpha.reshape(shape).to(noise)

@@ -34,6 +34,11 @@ def prediction_type_of(model) -> str:
     """The parameterization the MODEL was trained in, from the model sampling the sampler uses."""
     ms = model.get_model_object("model_sampling")
     kinds = comfy.model_sampling
+    img2img_flow = getattr(kinds, "IMG_TO_IMG_FLOW", None)
+    if img2img_flow is not None and isinstance(ms, img2img_flow):
+        raise ImagicError(f"this model's parameterization ({type(ms).__name__}: an image-to-image flow model that "
+                          "predicts the clean image from the image, with no noise) has no denoising objective Imagic "
+                          "can train; use a text-to-image model")
     if isinstance(ms, kinds.CONST):
         return "flow"
     if isinstance(ms, kinds.V_PREDICTION) and not isinstance(ms, kinds.EDM):
@@ -128,6 +133,7 @@ class ComfyDenoiser:
         self.source = model
         self.prediction_type = prediction_type_of(model)
         self.ms = model.get_model_object("model_sampling")
+        self.noise_scale = float(getattr(self.ms, "noise_scale", 1.0))  # CONST.noise_scaling's factor
         self.cond_extra = dict(cond_extra)
         self.width, self.height = width, height
         self.patcher = self.base = None

@@ -9,6 +9,8 @@
 #       run(command="bash scripts/gpu_host_check.sh --install p1", carry=[".whl/p1"], timeout_s=120)
 #       ...                                                          (--prepare prints the exact calls)
 #       run(command="bash scripts/gpu_host_check.sh --install pN --run", carry=[".hosts", ".whl/pN"], timeout_s=480)
+#   and, on the same warm machine right after, the speed benchmark (issue "Lean training", item 6):
+#       run(command="bash scripts/gpu_host_check.sh --bench", carry=[".hosts"], timeout_s=480)
 #
 # Why parts: the device tool carries at most 64 MiB a call, and the host's requirements that the GPU
 # image lacks come to more (comfy-kitchen's CUDA kernels alone are 45 MB). Each call installs its part
@@ -27,7 +29,7 @@ HOST_DIR=.hosts/comfyui
 WHEELS="torchsde==0.2.6 trampoline==0.1.2 comfy-kitchen==0.2.31 comfy-aimdo==0.4.13 av==18.1.0 alembic==1.20.1
 mako==1.4.3 sqlalchemy==2.1.9 greenlet==3.5.6 simpleeval==1.0.8 blake3==1.0.11 spandrel==0.4.2 kornia==0.9.0
 kornia-rs==0.2.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-pydantic-settings==2.16.3 python-dotenv==1.2.4"
+pydantic-settings==2.16.3 python-dotenv==1.2.4 diffusers==0.42.1 importlib-metadata==10.2.0 zipp==4.1.2"
 TESTS="tests/host/test_host_harness.py tests/host/test_imagic_nodes.py"
 BUDGET_MB=58   # per call, the working tree included (the tool allows 64 MiB)
 
@@ -95,7 +97,22 @@ PY
   fi
   echo "installed $part: $(ls ".whl/$part" | wc -l) wheels"
   [ "${3:-}" = "--run" ] || exit 0 ;;
-*) echo "usage: $0 --prepare | --dry-run | --install PART [--run]"; exit 2 ;;
+--bench)
+  # The default edit on CUDA, SD1.5 at 512 px and SDXL at 1024 px architecture with random weights:
+  # per-stage s/step and peak VRAM through both backends (the host's at ComfyUI 0.33's defaults),
+  # and the whole default edit end to end through the diffusers path (500 + 500 steps, 6 etas).
+  OUT=${OUT:-gpu_check_out}; mkdir -p "$OUT"
+  export PYTHONPATH=$PWD/.site PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+  set -o pipefail
+  for m in "sd15 64" "sdxl 128"; do
+    set -- $m
+    python3 benchmarks/speed_memory.py --model "$1" --latent "$2" --device cuda --backend diffusers \
+        --only "baseline;project defaults" --warmup 2 --steps 5 --e2e --out "$OUT/gpu_$1_diffusers" 2>&1 | tail -30
+    COMFYUI_PATH=$HOST_DIR python3 benchmarks/speed_memory.py --model "$1" --latent "$2" --device cuda \
+        --backend host --only "project defaults" --warmup 2 --steps 5 --no-e2e --out "$OUT/gpu_$1_host" 2>&1 | tail -20
+  done
+  exit 0 ;;
+*) echo "usage: $0 --prepare | --dry-run | --install PART [--run] | --bench"; exit 2 ;;
 esac
 
 OUT=${OUT:-gpu_check_out}; mkdir -p "$OUT"

@@ -187,6 +187,32 @@ def test_full_finetune_trains_a_copy_and_hands_back_the_exact_difference(pipe, c
     assert_unchanged(pipe.unet, before)
 
 
+def test_flow_objective_with_scaled_training_noise_is_the_velocity_of_the_scaled_noise():
+    """x_t = (1 - t) x0 + t * (s * noise), target s * noise - x0 (ComfyUI's CONST noise_scale), by hand."""
+    from imagic.objective import denoising_loss
+
+    class Flow:
+        prediction_type, noise_scale = "flow", 8.0
+
+        def alpha_sigma(self, t):
+            return 1 - t, t
+
+        def predict(self, x_t, t, cond):
+            self.seen = x_t
+            return cond["context"].reshape(x_t.shape)
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 2, 3, 3, generator=g), torch.randn(2, 2, 3, 3, generator=g)
+    t = torch.tensor([0.25, 0.75])
+    pred = torch.randn(1, 2 * 2 * 3 * 3, generator=g)
+    den = Flow()
+    loss = denoising_loss(den, x0, {"context": pred}, noise, t)
+    tt = t.reshape(2, 1, 1, 1)
+    assert torch.allclose(den.seen, (1 - tt) * x0 + tt * (8.0 * noise))
+    want = ((pred.reshape(2, 2, 3, 3) - (8.0 * noise - x0)) ** 2).mean()
+    assert torch.allclose(loss, want)
+
+
 def test_stepping_in_backward_is_the_same_adam():
     """run_training's step_in_backward (each tensor steps as its gradient completes, gradients freed)
     gives the same parameters as one Adam step over all tensors after backward."""

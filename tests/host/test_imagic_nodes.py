@@ -372,3 +372,34 @@ def test_full_finetune_delta_does_not_depend_on_what_else_patched_the_shared_net
     _, again, _ = call(C["ImagicFinetuneUNet"], model=loaded["model"], **kw)
     assert plain.keys() == again.keys() and any(k.endswith(".diff") for k in plain)
     assert all(torch.equal(plain[k], again[k]) for k in plain)
+
+
+def test_model_kinds_imagic_cannot_train_are_refused_by_name(comfy, pack, loaded):
+    """An image-to-image flow model (0.33's IMG_TO_IMG_FLOW, a CONST subclass that predicts x0 with no
+    noise) must not be trained as a text-to-image flow model; a flow model with scaled training noise
+    carries its scale into the objective."""
+    import comfy.model_sampling as kinds
+
+    C = pack["classes"]
+
+    def with_sampling(kind, **settings):
+        class Sampling(kinds.ModelSamplingDiscreteFlow, kind):
+            pass
+
+        m = loaded["model"].clone()
+        m.add_object_patch("model_sampling", Sampling(loaded["model"].model.model_config))
+        ms = m.get_model_object("model_sampling")
+        for k, v in settings.items():
+            getattr(ms, f"set_{k}")(v)
+        return m
+
+    if hasattr(kinds, "IMG_TO_IMG_FLOW"):
+        with pytest.raises(Exception, match="IMG_TO_IMG_FLOW"):
+            call(C["ImagicOptimizeEmbedding"], model=with_sampling(kinds.IMG_TO_IMG_FLOW), conditioning=loaded["target"],
+                 latent=loaded["latent"], steps=1, learning_rate=1e-3, seed=0)
+    flow = with_sampling(kinds.CONST)
+    den = pack["host_adapter"].ComfyDenoiser(flow, {}, 64, 64)
+    assert den.prediction_type == "flow" and den.noise_scale == 1.0
+    if hasattr(kinds.ModelSamplingDiscreteFlow, "set_noise_scale"):
+        scaled = pack["host_adapter"].ComfyDenoiser(with_sampling(kinds.CONST, noise_scale=8.0), {}, 64, 64)
+        assert scaled.noise_scale == 8.0
