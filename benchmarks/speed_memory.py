@@ -1113,8 +1113,12 @@ def main(argv=None):
         print("RESULT " + json.dumps(res), flush=True)
         return 0
 
-    bf16_ok = cuda and torch.cuda.is_bf16_supported()
-    cap = torch.cuda.get_device_properties(0).total_memory / GB * 0.95 if cuda else args.max_gb
+    if cuda and args.dry_run and not torch.cuda.is_available():
+        # Planning a GPU run on a machine without one (scripts/gpu_host_check.sh --dry-run).
+        bf16_ok, cap = True, args.max_gb
+    else:
+        bf16_ok = cuda and torch.cuda.is_bf16_supported()
+        cap = torch.cuda.get_device_properties(0).total_memory / GB * 0.95 if cuda else args.max_gb
     plan, full_impl = plan_rows(args, cuda, bf16_ok, cap)
     if args.dry_run:
         print(f"{args.model}, latent {args.latent}, {args.device}, backend {args.backend}"

@@ -30,13 +30,19 @@ from ..imagic.deltas import WeightDelta, applied
 PREFIX = "diffusion_model."
 
 
+def _kind(ms) -> str:
+    """The host's names for a model sampling: the noise schedule and the prediction kind it combines."""
+    names = [c.__name__ for c in type(ms).__mro__ if c.__module__ == comfy.model_sampling.__name__]
+    return " + ".join(names) if names else type(ms).__name__
+
+
 def prediction_type_of(model) -> str:
     """The parameterization the MODEL was trained in, from the model sampling the sampler uses."""
     ms = model.get_model_object("model_sampling")
     kinds = comfy.model_sampling
     img2img_flow = getattr(kinds, "IMG_TO_IMG_FLOW", None)
     if img2img_flow is not None and isinstance(ms, img2img_flow):
-        raise ImagicError(f"this model's parameterization ({type(ms).__name__}: an image-to-image flow model that "
+        raise ImagicError(f"this model's parameterization ({_kind(ms)}: an image-to-image flow model that "
                           "predicts the clean image from the image, with no noise) has no denoising objective Imagic "
                           "can train; use a text-to-image model")
     if isinstance(ms, kinds.CONST):
@@ -45,7 +51,8 @@ def prediction_type_of(model) -> str:
         return "v_prediction"
     if isinstance(ms, kinds.EPS) and not isinstance(ms, (kinds.V_PREDICTION, kinds.X0)):
         return "epsilon"
-    raise ImagicError(f"this model's parameterization ({type(ms).__name__}) is not supported by Imagic yet")
+    raise ImagicError(f"this model's parameterization ({_kind(ms)}) is not supported by Imagic yet: it trains "
+                      "epsilon, v-prediction and flow (velocity) models")
 
 
 def _unload_users(network) -> None:

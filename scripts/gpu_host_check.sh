@@ -89,6 +89,11 @@ PY
   echo "host: $(grep __version__ "$HOST_DIR/comfyui_version.py")"
   # shellcheck disable=SC2086
   COMFYUI_PATH=$HOST_DIR IMAGIC_HOST_DEVICE=cuda "${PYTHON:-python3}" -m pytest -q --collect-only -p no:cacheprovider $TESTS | tail -1
+  for m in "sd15 64" "sdxl 128"; do  # the --bench rows, planned
+    set -- $m
+    "${PYTHON:-python3}" benchmarks/speed_memory.py --model "$1" --latent "$2" --device cuda --backend diffusers \
+        --only "baseline;project defaults" --e2e --dry-run | tail -4
+  done
   [ "$ok" = 1 ]; exit $? ;;
 --install)
   part=${2:?which part}

@@ -326,7 +326,15 @@ def test_training_runs_on_a_private_non_dynamic_model_and_leaves_the_input_model
     model = loaded["model"]
     can_reload = "force_deepcopy" in inspect.signature(model.clone).parameters and model.cached_patcher_init is not None
     if reload and not can_reload:
-        pytest.skip("this host has no clone(force_deepcopy=True) (before ComfyUI 0.11): DynamicVRAM does not exist there")
+        # Before ComfyUI 0.11 there is no clone(force_deepcopy=True) (nor DynamicVRAM): a MODEL that would
+        # need the reload is refused with the way out, not trained through.
+        den = HA.ComfyDenoiser(model, loaded["target"][0][1], 64, 64)
+        den.reload = True
+        with pytest.raises(Exception, match="cannot be copied for training.*--disable-dynamic-vram"):
+            with den.loaded():
+                pass
+        assert den.patcher is None
+        return
     dynamic = hasattr(model, "is_dynamic") and model.is_dynamic()
     if host_device() == "cuda" and can_reload:
         # scripts/gpu_host_check.sh: the case this guards against is the DynamicVRAM input MODEL.
