@@ -204,12 +204,12 @@ def test_flow_objective_with_scaled_training_noise_is_the_velocity_of_the_scaled
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(1, 2, 3, 3, generator=g), torch.randn(2, 2, 3, 3, generator=g)
     t = torch.tensor([0.25, 0.75])
-    pred = torch.randn(1, 2 * 2 * 3 * 3, generator=g)
+    pred = torch.randn(1, 2 * 3 * 3, generator=g)  # one prediction, shared by the 2 noise samples
     den = Flow()
     loss = denoising_loss(den, x0, {"context": pred}, noise, t)
     tt = t.reshape(2, 1, 1, 1)
     assert torch.allclose(den.seen, (1 - tt) * x0 + tt * (8.0 * noise))
-    want = ((pred.reshape(2, 2, 3, 3) - (8.0 * noise - x0)) ** 2).mean()
+    want = ((pred.expand(2, -1).reshape(2, 2, 3, 3) - (8.0 * noise - x0)) ** 2).mean()
     assert torch.allclose(loss, want)
 
 
