@@ -411,3 +411,40 @@ def test_model_kinds_imagic_cannot_train_are_refused_by_name(comfy, pack, loaded
     if hasattr(kinds.ModelSamplingDiscreteFlow, "set_noise_scale"):
         scaled = pack["host_adapter"].ComfyDenoiser(with_sampling(kinds.CONST, noise_scale=8.0), {}, 64, 64)
         assert scaled.noise_scale == 8.0
+
+
+def test_lora_side_branch_on_the_host_is_the_merged_weight_with_the_same_gradients(comfy, pack, loaded):
+    """On the host's own network (comfy ops layers), LoRA as a side branch computes what weight + up @ down
+    computes, with the same LoRA gradients, and the input MODEL's weights stay as they were."""
+    from importlib import import_module
+
+    HA = pack["host_adapter"]
+    deltas = import_module(pack["imagic"].__name__ + ".deltas")
+    model = loaded["model"]
+    before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    tensor, extra = loaded["target"][0]
+    den = HA.ComfyDenoiser(model, extra, 64, 64)
+    with den.loaded():
+        delta = deltas.make_delta("lora", den.trainable_module(), 4, seed=1)
+        with torch.no_grad():
+            for up in delta.up:
+                up.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+        x0 = HA.latent_for(model, loaded["latent"])
+        noise = torch.randn((2,) + tuple(x0.shape[1:]), generator=torch.Generator().manual_seed(3))
+        sigma = den.sample_timesteps(2, torch.Generator().manual_seed(4))
+        cond = {"context": tensor.clone().float().expand(2, -1, -1)}
+        outs = {}
+        for side in (True, False):
+            with deltas.applied(delta, den.trainable_module(), side_branch=side):
+                out = den.predict(x0 + noise * sigma.reshape(-1, 1, 1, 1), sigma, cond)
+                out.square().mean().backward()
+            outs[side] = (out.detach(), [p.grad.clone() for p in delta.parameters()])
+            delta.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            plain = den.predict(x0 + noise * sigma.reshape(-1, 1, 1, 1), sigma, cond)
+    assert not torch.allclose(outs[True][0], plain, atol=1e-4), "the LoRA must change the output"
+    torch.testing.assert_close(outs[True][0], outs[False][0], rtol=1e-4, atol=1e-5)
+    for g_side, g_merged in zip(outs[True][1], outs[False][1]):
+        torch.testing.assert_close(g_side, g_merged, rtol=1e-3, atol=1e-6)
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
