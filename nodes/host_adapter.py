@@ -168,15 +168,12 @@ class ComfyDenoiser:
         shape = (n,) + (1,) * (x_t.ndim - 1)
         sv = s.float().reshape(shape)
         x_in = x_t if self.prediction_type == "flow" else x_t * torch.sqrt(1 + sv * sv)
-        kwargs = {}
-        if "pooled" in cond:
-            kwargs["y"] = self.adm(cond["pooled"])
         model_options = self.patcher.model_options
         transformer_options = dict(model_options.get("transformer_options", {}))
         transformer_options["sigmas"] = s
         transformer_options["cond_or_uncond"] = [0] * n
         wrapper = model_options.get("model_function_wrapper")
-        c = {"c_crossattn": cond["context"], "transformer_options": transformer_options, **kwargs}
+        c = dict(self.model_inputs(cond, x_in), transformer_options=transformer_options)
         if wrapper is not None:
             x0 = wrapper(self.base.apply_model, {"input": x_in, "timestep": s, "c": c, "cond_or_uncond": [0] * n})
         else:
@@ -195,6 +192,27 @@ class ComfyDenoiser:
         return applied(delta, self.base.diffusion_model)
 
     # -- host specifics --------------------------------------------------------------------
+    def model_inputs(self, cond, x_in):
+        """The model's keyword inputs for this conditioning, made as the sampler makes them.
+
+        The host's own conversion (``encode_model_conds`` with the model's ``extra_conds``, then each
+        input's ``process_cond`` for the batch, as ``calc_cond_batch`` does): the text embedding as
+        cross-attention, SDXL's pooled vector and size conditioning as ``y``, and every other key the
+        model reads from the conditioning dict. The trained tensors (``context``, ``pooled``) stay
+        differentiable through it.
+        """
+        import comfy.samplers
+
+        entry = {k: v for k, v in self.cond_extra.items() if k not in ("pooled_output", "model_conds")}
+        entry.update(cross_attn=cond["context"], model_conds={}, width=self.width, height=self.height)
+        if "pooled" in cond:
+            entry["pooled_output"] = cond["pooled"]
+        elif self.cond_extra.get("pooled_output") is not None:
+            entry["pooled_output"] = self.cond_extra["pooled_output"].to(x_in.device)
+        (converted,) = comfy.samplers.encode_model_conds(self.base.extra_conds, [entry], x_in, x_in.device, "positive")
+        n = x_in.shape[0]
+        return {k: v.process_cond(batch_size=n, area=None).concat([]) for k, v in converted["model_conds"].items()}
+
     def adm(self, pooled):
         """The model's extra vector input (SDXL: pooled text + size embedding), differentiable in pooled."""
         extra = {k: v for k, v in self.cond_extra.items() if k in ("width", "height", "crop_w", "crop_h",
