@@ -7,8 +7,8 @@ diffusers path and the ComfyUI nodes apply a delta to a network. Two kinds:
 * ``LoraDelta``: low-rank ``up @ down * alpha / rank`` on every Linear and Conv2d weight (convolutions
   as LoCon: ``down`` has the kernel, ``up`` is 1x1). ``up`` starts at zero, so training starts exactly
   at the base model.
-* ``FullDelta``: a dense difference for every weight and bias, starting at zero. Adam on the
-  difference is Adam on the weight itself, so this is the paper's full fine-tune.
+* ``FullDelta``: every weight and bias. It trains a copy W' of the weights (Adam on W' is the paper's
+  full fine-tune) and is handed back as the exact difference W' - W (see the class).
 
 State-dict keys follow the LoRA format that ComfyUI's loaders read (``<module>.lora_up.weight``,
 ``.lora_down.weight``, ``.alpha``; full deltas as ``<module>.diff`` / ``.diff_b``).

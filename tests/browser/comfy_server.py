@@ -111,7 +111,7 @@ def missing_requirements() -> str | None:
     root = find_host()
     if root is None:
         env = os.environ.get("COMFYUI_PATH", "").strip()
-        return ("ComfyUI host not found: set COMFYUI_PATH to a ComfyUI checkout (v0.3.64)"
+        return ("ComfyUI host not found: set COMFYUI_PATH to a ComfyUI checkout (0.8.0 to 0.33.0)"
                 + (f" (COMFYUI_PATH={env!r} is not one)" if env else ""))
     if find_chromium() is None:
         return "chromium not found (/usr/bin/chromium or on PATH; e.g. apt-get install chromium)"
