@@ -6,9 +6,10 @@ Training runs on a private, non-dynamic model made once per stage outside infere
 inference tensor or a reused transfer buffer, is never trained through; a plain ModelPatcher gets a
 private network whose weights are ordinary tensors on the input's own memory (no copy). Either way
 the frozen weights are used as they are at every step (no per-call copy), and the private model
-carries the MODEL's patches (an upstream LoRA), wrappers and options. The trained delta is applied by ``imagic.deltas.applied``, the same code
-the diffusers path uses: LoRA as a side branch of each layer. The input MODEL, and every other user
-of it, never sees a change; the copy is dropped when the stage ends.
+carries the MODEL's patches (an upstream LoRA), wrappers and options. The trained delta is applied
+by ``imagic.deltas.applied``, the same code the diffusers path uses: LoRA as a side branch of each
+layer. The input MODEL, and every other user of it, never sees a change; the private model is
+dropped when the stage ends.
 """
 from __future__ import annotations
 
@@ -55,12 +56,12 @@ def prediction_type_of(model) -> str:
                       "epsilon, v-prediction and flow (velocity) models")
 
 
-def _unload_users(network) -> None:
-    """Unload every loaded patcher of this network, so its weights are the unpatched originals."""
+def _unload_where(match) -> None:
+    """Unload, and forget, every loaded patcher for which ``match(patcher)`` holds."""
     mm = comfy.model_management
     for i in range(len(mm.current_loaded_models) - 1, -1, -1):
         patcher = mm.current_loaded_models[i].model
-        if patcher is not None and patcher.model is network:
+        if patcher is not None and match(patcher):
             mm.current_loaded_models.pop(i).model_unload()
 
 
@@ -117,7 +118,8 @@ def training_model(model, reload: bool | None = None):
                               "ComfyUI with --disable-dynamic-vram")
         return model.clone(force_deepcopy=True), True
     if getattr(model, "backup", None):
-        _unload_users(model.model)  # another clone patched the shared weights in place: restore them first
+        # Another clone patched the shared weights in place: unloading it restores the originals first.
+        _unload_where(lambda p: p.model is model.model)
     clone = model.clone()
     clone.model = _aliased_network(model.model)
     clone.backup, clone.object_patches_backup = {}, {}
@@ -213,17 +215,10 @@ class ComfyDenoiser:
         n = x_in.shape[0]
         return {k: v.process_cond(batch_size=n, area=None).concat([]) for k, v in converted["model_conds"].items()}
 
-    def adm(self, pooled):
-        """The model's extra vector input (SDXL: pooled text + size embedding), differentiable in pooled."""
-        extra = {k: v for k, v in self.cond_extra.items() if k in ("width", "height", "crop_w", "crop_h",
-                                                                   "target_width", "target_height")}
-        kw = dict(width=self.width, height=self.height, crop_w=0, crop_h=0, target_width=self.width,
-                  target_height=self.height)
-        kw.update(extra)
-        return self.base.encode_adm(pooled_output=pooled, **kw)
-
     def uses_pooled(self, pooled) -> bool:
-        return pooled is not None and self.adm(pooled) is not None
+        """Whether the model reads the pooled vector (SDXL, Flux: its ``encode_adm`` gives a vector)."""
+        return pooled is not None and self.base.encode_adm(pooled_output=pooled, width=self.width,
+                                                           height=self.height) is not None
 
     @contextlib.contextmanager
     def loaded(self, gradient_checkpointing: bool = False):
@@ -257,13 +252,10 @@ class ComfyDenoiser:
     def unload(self):
         if self.patcher is None:
             return
-        mm = comfy.model_management
-        for i in range(len(mm.current_loaded_models) - 1, -1, -1):
-            if mm.current_loaded_models[i].model is self.patcher:
-                mm.current_loaded_models.pop(i).model_unload()
+        _unload_where(lambda p: p is self.patcher)
         self.patcher.unpatch_model()
         self.patcher = self.base = None
-        mm.soft_empty_cache()
+        comfy.model_management.soft_empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------
