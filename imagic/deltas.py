@@ -15,6 +15,7 @@ State-dict keys follow the LoRA format that ComfyUI's loaders read (``<module>.l
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from contextlib import contextmanager
 from typing import Dict, Iterable, List, Mapping, Optional
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
+
+from .errors import ImagicError
 
 METHODS = ("lora", "full")
 
@@ -118,10 +121,11 @@ class FullDelta(WeightDelta):
     """The full fine-tune, in one of two forms.
 
     * Training form (``FullDelta.trainable(module)``): a trainable fp32 copy W' of every weight and
-      bias, starting at the module's values, and references to the module's own tensors (never
-      written). ``applied`` makes the layers compute with W' itself, so no weight + difference is
-      formed at any step and nothing beyond W', its gradient and Adam's state is kept: Adam on W'
-      is the paper's full fine-tune.
+      bias, starting at the module's values, and the module's own parameters (their values are
+      never written). ``applied`` makes the layers compute with W' itself, so no weight + difference
+      is formed at any step and nothing beyond W', its gradient and Adam's state is kept: Adam on W'
+      is the paper's full fine-tune. The module's values are only read again by ``finish()``, so
+      ``base_offloaded()`` can keep them out of memory meanwhile.
     * Difference form (``FullDelta(shapes)``, ``finish()``, or loaded from a file): the difference
       D = W' - W per tensor, added to the weights when applied. ``finish()`` turns the training form
       into this one in place, one tensor at a time, and drops the references.
@@ -132,7 +136,7 @@ class FullDelta(WeightDelta):
         super().__init__()
         self.diffs = nn.ParameterList()
         self._index = {}
-        self._base: Optional[List[torch.Tensor]] = None  # training form: the module's tensors
+        self._base: Optional[List[nn.Parameter]] = None  # training form: the module's parameters
         for i, (name, shape) in enumerate(sorted(shapes.items())):
             self.diffs.append(nn.Parameter(torch.zeros(shape, device=device)))
             self._index[name] = i
@@ -144,9 +148,9 @@ class FullDelta(WeightDelta):
         delta = cls({}, device=device)
         delta._base = []
         for i, name in enumerate(names):
-            w = params[name].detach()
-            delta.diffs.append(nn.Parameter(w.to(device=device, dtype=torch.float32, copy=True)))
-            delta._base.append(w)
+            p = params[name]
+            delta.diffs.append(nn.Parameter(p.detach().to(device=device, dtype=torch.float32, copy=True)))
+            delta._base.append(p)  # the parameter itself, not a view: offloading must be able to free its memory
             delta._index[name] = i
         return delta
 
@@ -162,10 +166,61 @@ class FullDelta(WeightDelta):
         """Training form -> difference form, in place (W' -= W), so no second copy is ever made."""
         if self._base is not None:
             with torch.no_grad():
-                for i, w in enumerate(self._base):
-                    self.diffs[i].sub_(w.to(self.diffs[i]))
+                for i, p in enumerate(self._base):
+                    self.diffs[i].sub_(p.detach().to(self.diffs[i]))
             self._base = None
         return self
+
+    @contextmanager
+    def base_offloaded(self, folder=None):
+        """Training form: the module's values of the trained tensors wait outside the compute memory.
+
+        While training, the layers read W' only, so the module's own copy (one model-sized buffer
+        of the four a full fine-tune holds) is dead weight until ``finish()``. Inside the block it
+        is on the CPU (modules on an accelerator) or in a temporary safetensors file mapped from
+        disk (CPU modules: ``folder``, default the system's temporary folder; pages are read back
+        only when touched); on exit every parameter gets its exact values back in ordinary memory
+        on its device, and the file is deleted, also after an error or a cancel.
+        """
+        if self._base is None or not self._base:
+            yield
+            return
+        import os
+        import tempfile
+
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        base = self._base
+        # Where each tensor lives now; the references are dropped before training so the memory is freed.
+        homes = [(p.device, p.dtype, p.shape, p.stride()) for p in base]
+        on_cpu = [device.type == "cpu" for device, *_ in homes]
+        path, moved = None, 0
+        try:
+            with torch.no_grad():
+                if any(on_cpu):
+                    fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="imagic_base_", dir=folder)
+                    os.close(fd)
+                    try:
+                        save_file({str(i): p.detach().contiguous() for i, p in enumerate(base) if on_cpu[i]}, path)
+                    except OSError as e:
+                        size = sum(p.numel() * p.element_size() for p, c in zip(base, on_cpu) if c) / 1e9
+                        raise ImagicError(f"could not write the base weights ({size:.1f} GB) to {path} while the full "
+                                          f"fine-tune runs ({e.strerror or e}): free disk space there or point "
+                                          "TMPDIR at a folder with room") from None
+                    mapped = safe_open(path, framework="pt")
+                for i, p in enumerate(base):
+                    p.data = mapped.get_tensor(str(i)) if on_cpu[i] else p.data.to("cpu", copy=True)
+                    moved = i + 1
+            yield
+        finally:
+            with torch.no_grad():
+                for p, (device, dtype, shape, stride) in zip(base[:moved], homes):
+                    home = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                    home.copy_(p.data)
+                    p.data = home
+            if path is not None:
+                os.remove(path)
 
     def names(self):
         return list(self._index)
@@ -294,18 +349,21 @@ def side_branch_ok(module: nn.Module) -> bool:
 
 
 @contextmanager
-def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool = True):
+def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool = True, offload_base: bool = False):
     """Inside the block, ``module`` computes with weight + delta; afterwards it is exactly as before.
 
     LoRA runs as a side branch of each layer (a forward hook) where the layer allows it; a LoRA
     with ``side_branch=False``, or a full delta in difference form, is a parametrization
-    weight + delta(name); a full delta in training form replaces the weight by its trained copy.
-    Nothing is written to the module's weights either way, so the base stays bit for bit unchanged.
+    weight + delta(name); a full delta in training form replaces the weight by its trained copy,
+    and with ``offload_base`` the module's own values wait outside memory meanwhile
+    (``FullDelta.base_offloaded``). The module's values are never changed either way, so the base
+    stays bit for bit unchanged.
     """
     if delta is None:
         yield
         return
     touched, hooks = [], []
+    offloaded = contextlib.ExitStack()
     try:
         for name in delta.names():
             module_name, tensor_name = name.rsplit(".", 1)
@@ -316,8 +374,11 @@ def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool =
             use = (_TrainedWeight if isinstance(delta, FullDelta) and delta.training_form else _AddDelta)(delta, name)
             parametrize.register_parametrization(layer, tensor_name, use, unsafe=True)
             touched.append((layer, tensor_name))
+        if offload_base and isinstance(delta, FullDelta) and delta.training_form:
+            offloaded.enter_context(delta.base_offloaded())
         yield
     finally:
+        offloaded.close()
         for h in hooks:
             h.remove()
         for layer, tensor_name in reversed(touched):

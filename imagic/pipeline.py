@@ -30,24 +30,36 @@ from .train import ImagicError, ProgressFn, CancelFn, finetune, interpolate, opt
 
 
 class DiffusersDenoiser:
-    """The ``Denoiser`` adapter for a diffusers UNet and its DDPM noise schedule.
+    """The ``Denoiser`` adapter for a diffusers UNet and its noise schedule: a DDPM schedule
+    (epsilon or v-prediction), or rectified flow (a ``FlowMatchEulerDiscreteScheduler``).
 
     ``lora_side_branch`` (default): a LoRA delta runs beside each layer instead of being merged into
     its weight; same function up to rounding, about one copy of the UNet less memory in training.
+    ``offload_base`` (default): while a full fine-tune trains its copy of the weights, the UNet's own
+    values wait on the CPU (GPU models) or in a temporary file (CPU models): one copy of the UNet
+    less memory; they are back, bit for bit, when the stage ends.
     """
 
     def __init__(self, unet, scheduler, time_ids: Optional[torch.Tensor] = None,
                  autocast_dtype: Optional[torch.dtype] = None, gradient_checkpointing: bool = False,
-                 lora_side_branch: bool = True):
+                 lora_side_branch: bool = True, offload_base: bool = True):
         self.unet = unet.requires_grad_(False)
+        self.offload_base = offload_base
         self.gradient_checkpointing = gradient_checkpointing
         self.lora_side_branch = lora_side_branch
-        self.prediction_type = scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ImagicError(f"scheduler prediction_type {self.prediction_type!r} is not supported "
-                              "(expected 'epsilon' or 'v_prediction')")
-        self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        if is_flow_scheduler(scheduler):
+            self.prediction_type = "flow"
+            if getattr(scheduler.config, "use_dynamic_shifting", False):
+                raise ImagicError("this flow scheduler shifts its noise levels by image size (use_dynamic_shifting); "
+                                  "only a fixed shift is supported in the standalone path")
+            self.shift = float(getattr(scheduler.config, "shift", 1.0))
+        else:
+            self.prediction_type = scheduler.config.prediction_type
+            if self.prediction_type not in ("epsilon", "v_prediction"):
+                raise ImagicError(f"scheduler prediction_type {self.prediction_type!r} is not supported "
+                                  "(expected 'epsilon' or 'v_prediction')")
+            self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
         self.time_ids = time_ids
         self.autocast_dtype = autocast_dtype
 
@@ -60,11 +72,22 @@ class DiffusersDenoiser:
         return next(self.unet.parameters()).dtype
 
     def sample_timesteps(self, n, generator):
+        if self.prediction_type == "flow":
+            # t uniform in [0, 1), through the scheduler's shift as the model's noise levels were drawn.
+            u = torch.rand(n, generator=generator)
+            return self.shift * u / (1 + (self.shift - 1) * u)
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
 
     def alpha_sigma(self, t):
+        if self.prediction_type == "flow":
+            t = t.float().to(self.device)
+            return 1 - t, t
         ac = self.alphas_cumprod[t.cpu().long()]
         return ac.sqrt().float().to(self.device), (1 - ac).sqrt().float().to(self.device)
+
+    def model_timestep(self, t):
+        """The timestep the network reads: flow models take 1000 t (diffusers' sigma * num_train_timesteps)."""
+        return t.float() * self.num_train_timesteps if self.prediction_type == "flow" else t
 
     def predict(self, x_t, t, cond):
         kwargs = {}
@@ -74,7 +97,7 @@ class DiffusersDenoiser:
                                            "time_ids": self.time_ids.to(self.device, self.dtype).expand(n, -1)}
         ac = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext())
         with ac:
-            return self.unet(x_t.to(self.dtype), t.to(self.device), encoder_hidden_states=cond["context"].to(self.dtype),
+            return self.unet(x_t.to(self.dtype), self.model_timestep(t).to(self.device), encoder_hidden_states=cond["context"].to(self.dtype),
                              return_dict=False, **kwargs)[0]
 
     def trainable_module(self):
@@ -95,7 +118,31 @@ class DiffusersDenoiser:
 
     def attach(self, delta: Optional[WeightDelta]):
         """Compute with weight + delta inside the block; the UNet is exactly as before afterwards."""
-        return applied(delta, self.unet, side_branch=self.lora_side_branch)
+        return applied(delta, self.unet, side_branch=self.lora_side_branch, offload_base=self.offload_base)
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """Rectified-flow schedulers (SD3, Flux, the flow toy): diffusers' FlowMatch* classes."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
+def load_scheduler(model, local: bool):
+    """The model's training schedule: a FlowMatch scheduler as saved, any DDPM-family one as DDIM."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    config = DDIMScheduler.load_config(model, subfolder="scheduler", local_files_only=local)
+    if str(config.get("_class_name", "")).startswith("FlowMatch"):
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+    return DDIMScheduler.from_config(config)
+
+
+def sampling_scheduler(scheduler):
+    """A fresh sampler on the model's schedule: DDIM for DDPM models, the Euler flow sampler for flow models."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if is_flow_scheduler(scheduler):
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    return DDIMScheduler.from_config(scheduler.config)
 
 
 class ImagicPipeline:
@@ -124,7 +171,7 @@ class ImagicPipeline:
                         dtype: Optional[torch.dtype] = None, autocast_dtype="auto",
                         gradient_checkpointing: Optional[bool] = None):
         """Load a local diffusers folder (or a hub id where the machine has internet). Safetensors only."""
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -144,7 +191,7 @@ class ImagicPipeline:
             unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype, **kw)
             text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", torch_dtype=dtype, **kw)
             tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer", local_files_only=local)
-            scheduler = DDIMScheduler.from_pretrained(model, subfolder="scheduler", local_files_only=local)
+            scheduler = load_scheduler(model, local)
             vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype, **kw) if has("vae") else None
             te2 = tok2 = None
             if has("text_encoder_2"):
@@ -280,17 +327,16 @@ class ImagicPipeline:
         ``init_image`` with ``strength`` in (0, 1] starts from the noised input (SDEdit) instead of
         pure noise; the benchmark uses it as a baseline.
         """
-        from diffusers import DDIMScheduler
-
         self.check_result(result)
         conds = [interpolate(result.e_tgt, result.e_opt, eta) for eta in etas]
         width, height = int(result.settings["width"]), int(result.settings["height"])
         den = self.denoiser(width, height)
+        flow = den.prediction_type == "flow"
         uncond = self.encode_text("")
         batch = len(conds)
         cond = {k: torch.cat([uncond[k].expand(batch, *uncond[k].shape[1:])] + [c[k] for c in conds]).to(self.device)
                 for k in uncond}
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler = sampling_scheduler(self.scheduler)
         scheduler.set_timesteps(steps)
         timesteps = scheduler.timesteps
         channels = self.unet.config.in_channels
@@ -303,17 +349,25 @@ class ImagicPipeline:
             x0 = self.encode_image(self.load_image(init_image, max(width, height)).resize((width, height)))
             start = len(timesteps) - int(round(strength * len(timesteps)))
             timesteps = timesteps[start:]
-            latents = scheduler.add_noise(x0.expand(batch, -1, -1, -1), noise, timesteps[:1].repeat(batch))
+            if flow:
+                scheduler.set_begin_index(start)
+                latents = scheduler.scale_noise(x0.expand(batch, -1, -1, -1), timesteps[:1], noise)
+            else:
+                latents = scheduler.add_noise(x0.expand(batch, -1, -1, -1), noise, timesteps[:1].repeat(batch))
         else:
-            latents = noise * scheduler.init_noise_sigma
+            latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)
         delta = result.delta.to(self.device) if (use_finetuned and result.delta is not None) else None
         # LoRA stays a side branch (measured: 1.02x the model alone per DDIM step, against 1.70x for merging
         # it into every weight at every call); a full difference is merged once for the whole loop
         # (parametrize.cached): one more copy of the weights, still below the training's peak.
         with den.attach(delta), parametrize.cached():
             for i, t in enumerate(timesteps):
-                x_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                out = den.predict(x_in, t.expand(2 * batch), cond).float()
+                x_in = torch.cat([latents, latents])
+                if not flow:
+                    x_in = scheduler.scale_model_input(x_in, t)
+                # The scheduler's timesteps are already what the network reads (flow: 1000 t).
+                t_in = t.expand(2 * batch) / (self.scheduler.config.num_train_timesteps if flow else 1)
+                out = den.predict(x_in, t_in, cond).float()
                 out_u, out_c = out.chunk(2)
                 latents = scheduler.step(out_u + guidance * (out_c - out_u), t, latents).prev_sample
                 if progress is not None:

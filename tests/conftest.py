@@ -21,6 +21,11 @@ def tiny_vpred_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flow_dir(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny_flow") / "model", prediction_type="flow", seed=2)
+
+
+@pytest.fixture(scope="session")
 def pipe(tiny_sd_dir):
     from imagic.pipeline import ImagicPipeline
 

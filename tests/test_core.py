@@ -1,6 +1,8 @@
 """The Imagic core on a tiny random diffusers model: objective, both stages, interpolation, results."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch.nn.utils import parametrize
@@ -96,6 +98,56 @@ def test_objective_on_the_real_unet_is_the_models_own_loss(which, pipe, tiny_vpr
     assert got == pytest.approx(expected, rel=1e-5)
 
 
+def test_flow_objective_on_the_real_unet_is_the_velocity_loss_at_shifted_uniform_t(tiny_flow_dir):
+    """A FlowMatch folder trains on x_t = (1 - t) x0 + t noise, target noise - x0, the UNet reading
+    1000 t, with t drawn uniformly and then shifted as the scheduler's shift says."""
+    from imagic.pipeline import ImagicPipeline
+
+    p = ImagicPipeline.from_pretrained(tiny_flow_dir, device="cpu")
+    den = p.denoiser(16, 16)
+    assert den.prediction_type == "flow"
+    u = torch.rand(4000, generator=torch.Generator().manual_seed(5))
+    t = den.sample_timesteps(4000, torch.Generator().manual_seed(5))
+    assert torch.allclose(t, 3 * u / (1 + 2 * u))  # shift 3
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0.1, 0.8])
+    cond = p.encode_text("a red car")
+    tt = t.view(-1, 1, 1, 1)
+    x_t = (1 - tt) * x0 + tt * noise
+    with torch.no_grad():
+        out = p.unet(x_t, t * 1000, encoder_hidden_states=cond["context"].expand(2, -1, -1)).sample
+        expected = ((out - (noise - x0)) ** 2).mean().item()
+        got = denoising_loss(den, x0, cond, noise, t).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_flow_folder_runs_both_stages_and_samples_with_exact_eta_endpoints(tiny_flow_dir, photo):
+    from imagic.pipeline import ImagicPipeline
+
+    p = ImagicPipeline.from_pretrained(tiny_flow_dir, device="cpu")
+    before = snapshot(p.unet)
+    img = p.load_image(photo, 16)
+    x0, e_tgt, den = p.encode_image(img), p.encode_text("a photo of a sitting dog"), p.denoiser(*img.size)
+    pairs = held_out_pairs(den, x0, count=24, seed=7)
+    start = evaluate_objective(den, x0, e_tgt, pairs)
+    e_opt, _ = optimize_embedding(den, x0, e_tgt, steps=40, lr=3e-2, seed=0, noise_samples=4)
+    mid = evaluate_objective(den, x0, e_opt, pairs)
+    delta, _ = finetune(den, x0, e_opt, steps=30, lr=3e-3, seed=0, noise_samples=4)
+    with den.attach(delta):
+        end = evaluate_objective(den, x0, e_opt, pairs)
+    assert mid < start and end < 0.9 * mid, (start, mid, end)
+    assert_unchanged(p.unet, before)
+    result = ImagicResult(e_tgt=e_tgt, e_opt=e_opt, delta=delta,
+                          settings=dict(width=img.size[0], height=img.size[1]))
+    a = p.sample(result, [0.0, 1.0], steps=4)
+    b = p.sample(ImagicResult(e_tgt=e_opt, e_opt=e_opt, delta=delta, settings=result.settings), [0.0], steps=4)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0])), "eta 0 samples e_opt exactly"
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))
+    sdedit = p.sample(result, [1.0], steps=4, init_image=img, strength=0.25)[0]
+    assert sdedit.size == img.size
+
+
 # ----------------------------------------------------------------------------- stages
 def test_stage1_lowers_held_out_objective_and_leaves_model_untouched(pipe, case):
     before = snapshot(pipe.unet)
@@ -184,6 +236,71 @@ def test_full_finetune_trains_a_copy_and_hands_back_the_exact_difference(pipe, c
     with torch.no_grad(), applied(delta, pipe.unet):
         again = den.predict(x_t, t[:2], cond)
     torch.testing.assert_close(again, trained, rtol=1e-5, atol=1e-6)
+    assert_unchanged(pipe.unet, before)
+
+
+def test_full_finetune_offloads_the_base_while_training_and_gives_the_same_difference(pipe, case, stage1,
+                                                                                   tmp_path, monkeypatch):
+    """With the base offloaded, the UNet's own weights live in a mapped temporary file during training
+    (their memory is freed), the difference is bit for bit the one trained without offloading, and the
+    weights are back in ordinary memory, unchanged, with the file gone."""
+    import tempfile
+
+    from imagic.deltas import FullDelta
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    e_opt, den = stage1[0], case["den"]
+    before = snapshot(pipe.unet)
+    params = list(pipe.unet.parameters())
+    ptrs = [p.data_ptr() for p in params]
+    seen = {}
+
+    def watch(step, delta):
+        if step == 1:
+            seen["files"] = sorted(f.name for f in tmp_path.iterdir())
+            seen["moved"] = sum(p.data_ptr() != ptr for p, ptr in zip(params, ptrs))
+
+    def run(offload):
+        den.offload_base = offload
+        try:
+            return finetune(den, case["x0"], e_opt, steps=3, lr=1e-4, method="full", seed=0,
+                            watch=watch if offload else None)[0]
+        finally:
+            den.offload_base = True
+
+    plain, offloaded = run(False), run(True)
+    assert isinstance(offloaded, FullDelta)
+    assert len(seen["files"]) == 1 and seen["files"][0].startswith("imagic_base_"), seen
+    assert seen["moved"] == len(ptrs), "every trained weight must leave its memory while training"
+    assert list(tmp_path.iterdir()) == [], "the temporary file is deleted"
+    a, b = plain.to_state_dict(), offloaded.to_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_unchanged(pipe.unet, before)
+
+
+def test_cancelled_full_finetune_puts_the_offloaded_base_back(pipe, case, stage1, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    before = snapshot(pipe.unet)
+    calls = []
+    with pytest.raises(ImagicCancelled):
+        finetune(case["den"], case["x0"], stage1[0], steps=10, lr=1e-4, method="full",
+                 cancel=lambda: calls.append(1) or len(calls) > 2)
+    assert_unchanged(pipe.unet, before)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_offloading_is_a_clear_error_and_changes_nothing(pipe, case, stage1, monkeypatch):
+    import safetensors.torch
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    before = snapshot(pipe.unet)
+    with pytest.raises(ImagicError, match="could not write the base weights .* free disk space"):
+        finetune(case["den"], case["x0"], stage1[0], steps=2, lr=1e-4, method="full")
     assert_unchanged(pipe.unet, before)
 
 

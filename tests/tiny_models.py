@@ -42,7 +42,7 @@ def write_tokenizer_files(folder: Path, words=WORDS, max_length: int = 16):
 
 def build_tiny_sd(seed: int = 0, prediction_type: str = "epsilon", vae: bool = True, sdxl: bool = False):
     """Components of a tiny SD-like model with seeded random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -67,8 +67,11 @@ def build_tiny_sd(seed: int = 0, prediction_type: str = "epsilon", vae: bool = T
         autoencoder = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                                     down_block_types=("DownEncoderBlock2D",) * 2,
                                     up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16)
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type)
+    if prediction_type == "flow":  # rectified flow, as SD3/Flux folders ship it
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    else:
+        scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type)
     return dict(unet=unet, text_encoder=text_encoder, vae=autoencoder, scheduler=scheduler, text_encoder_2=te2)
 
 

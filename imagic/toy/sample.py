@@ -1,4 +1,5 @@
-"""DDIM sampler with classifier-free guidance for the toy pixel-space model,
+"""DDIM (or, for the flow toy, Euler flow) sampler with classifier-free guidance for the toy
+pixel-space model,
 and the quality gate: how often samples show the captioned attributes.
 
     python -m imagic.toy.sample                      # the gate at its settings (GATE)
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from . import data, MODEL_DIR
+from ..pipeline import is_flow_scheduler
 
 # The sampler settings of the quality gate, shared by benchmarks/edit_quality.py and `imagic demo`:
 # the gate's figure is only meaningful at the settings the edits are sampled with.  DDIM, 25 steps;
@@ -29,16 +31,19 @@ GATE = dict(steps=25, guidance=1.5, per_combo=4, seed=1234)
 
 
 def load_components(model_dir=None) -> dict:
-    """unet, text_encoder, tokenizer, scheduler (DDIM) from a toy model folder, in eval mode."""
-    from diffusers import UNet2DConditionModel, DDIMScheduler
+    """unet, text_encoder, tokenizer, scheduler (DDIM, or the flow toy's Euler flow sampler) from a toy
+    model folder, in eval mode."""
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ..pipeline import load_scheduler
 
     d = Path(model_dir or MODEL_DIR)
     return {
         "unet": UNet2DConditionModel.from_pretrained(d / "unet").eval().requires_grad_(False),
         "text_encoder": CLIPTextModel.from_pretrained(d / "text_encoder").eval().requires_grad_(False),
         "tokenizer": CLIPTokenizer.from_pretrained(d / "tokenizer"),
-        "scheduler": DDIMScheduler.from_pretrained(d / "scheduler"),
+        "scheduler": load_scheduler(d, local=True),
     }
 
 
@@ -81,7 +86,8 @@ def generate(model_dir=None, captions=("a large red circle on the left",), seed:
             else:
                 e_u, e_c = unet(torch.cat([x, x]), t, ctx).sample.chunk(2)
                 eps = e_u + guidance * (e_c - e_u)
-            x = sched.step(eps, t, x, eta=eta, generator=g).prev_sample
+            extra = {} if is_flow_scheduler(sched) else {"eta": eta}
+            x = sched.step(eps, t, x, generator=g, **extra).prev_sample
         out.append(x)
     x = torch.cat(out)
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -8,7 +8,8 @@ Layout of the output folder (like a Stable Diffusion pipeline, minus the VAE):
     unet/              UNet2DConditionModel, 3 -> 3 channels, sample_size 32
     text_encoder/      CLIPTextModel (hidden size 64)
     tokenizer/         CLIPTokenizer, one token per vocabulary word, max length 77
-    scheduler/         DDIMScheduler config (v_prediction, 1000 train steps, linear betas)
+    scheduler/         DDIMScheduler config (v_prediction, 1000 train steps, linear betas), or for
+                       --prediction-type flow a FlowMatchEulerDiscreteScheduler (rectified flow, shift 1)
     imagic_toy.json    how it was trained (seed, steps, wall time, ...)
 
 Latents are pixels: ``x = image / 127.5 - 1`` in [-1, 1], shape [B, 3, 32, 32].
@@ -37,6 +38,13 @@ from . import data
 from .tokenizer import MAX_LENGTH, write_tokenizer, build_vocab_and_merges, BOS, EOS
 
 TEXT_DIM = 64
+PREDICTION_TYPES = ("v_prediction", "epsilon", "flow")
+
+
+def scheduler_config_alphas(scheduler) -> torch.Tensor:
+    """The DDPM schedule's alpha-bar (flow models have none: a dummy of the same length, unused)."""
+    ac = getattr(scheduler, "alphas_cumprod", None)
+    return ac.float() if ac is not None else torch.full((1000,), 0.5)
 
 
 def unet_config() -> dict:
@@ -99,13 +107,18 @@ def scheduler_config(prediction_type: str = "v_prediction") -> dict:
 
 
 def build(seed: int, prediction_type: str = "v_prediction"):
-    from diffusers import UNet2DConditionModel, DDIMScheduler
+    from diffusers import UNet2DConditionModel, DDIMScheduler, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config())
     text_encoder = CLIPTextModel(text_config())
-    scheduler = DDIMScheduler(**scheduler_config(prediction_type))
+    if prediction_type == "flow":
+        # Rectified flow as SD3/Flux train it: x_t = (1 - t) x0 + t noise, velocity target noise - x0,
+        # timestep input 1000 t. Shift 1: the toy's 32 px images need no shift toward high noise.
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    else:
+        scheduler = DDIMScheduler(**scheduler_config(prediction_type))
     return unet, text_encoder, scheduler
 
 
@@ -124,7 +137,7 @@ def save_model(out_dir, unet, text_encoder, scheduler, meta: dict | None = None)
         "unet": ["diffusers", "UNet2DConditionModel"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
+        "scheduler": ["diffusers", type(scheduler).__name__],
         "vae": [None, None],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
@@ -172,7 +185,7 @@ def train(out_dir, seed: int = 0, steps: int = 3400, batch_size: int = 32, lr: f
     from transformers import CLIPTokenizer
 
     torch.set_num_threads(threads)
-    if prediction_type not in ("epsilon", "v_prediction"):
+    if prediction_type not in PREDICTION_TYPES:
         raise ValueError(prediction_type)
     unet, text_encoder, scheduler = build(seed, prediction_type)
     write_tokenizer(Path(out_dir) / "tokenizer")
@@ -194,7 +207,8 @@ def train(out_dir, seed: int = 0, steps: int = 3400, batch_size: int = 32, lr: f
 
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
-    alphas_cumprod = scheduler.alphas_cumprod.float()
+    flow = prediction_type == "flow"
+    alphas_cumprod = scheduler_config_alphas(scheduler)
     snr = alphas_cumprod / (1 - alphas_cumprod)
     # Loss weight per timestep, written through lambda(t), the weight that the
     # loss puts on the implied x0 error.  Epsilon MSE has lambda = snr: about
@@ -205,7 +219,7 @@ def train(out_dir, seed: int = 0, steps: int = 3400, batch_size: int = 32, lr: f
     # noise (detail) and ~1 at high noise (layout).  A v model whose weight was
     # capped at low noise (min-SNR, gamma 5) learned position (0.88) but gave
     # grainy, blobby samples, so by default nothing is capped here.
-    if min_snr_gamma is None:
+    if min_snr_gamma is None or flow:  # flow: plain velocity MSE with t uniform, as the objective uses
         weight = torch.ones_like(snr)
     elif prediction_type == "v_prediction":
         weight = torch.clamp(1 + snr, max=min_snr_gamma) / (1 + snr)
@@ -230,13 +244,20 @@ def train(out_dir, seed: int = 0, steps: int = 3400, batch_size: int = 32, lr: f
         ids = ids_of(caps)
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
-        xt = scheduler.add_noise(x0, noise, t)
+        if flow:
+            s = torch.rand(batch_size)  # t uniform in [0, 1): the model sees timestep 1000 s
+            xt = (1 - s).view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * noise
+        else:
+            xt = scheduler.add_noise(x0, noise, t)
 
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         cond = text_encoder(ids).last_hidden_state
-        pred = unet(xt, t, cond).sample
-        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+        pred = unet(xt, s * 1000 if flow else t, cond).sample
+        if flow:
+            target = noise - x0
+        else:
+            target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
         loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         loss = (loss * weight[t]).mean()
         opt.zero_grad(set_to_none=True)
@@ -286,7 +307,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prediction-type", default="v_prediction", choices=["v_prediction", "epsilon"])
+    ap.add_argument("--prediction-type", default="v_prediction", choices=list(PREDICTION_TYPES))
     ap.add_argument("--min-snr-gamma", type=float, default=None,
                     help="cap the loss weight at low noise (min-SNR); default: plain MSE on the target")
     a = ap.parse_args(argv)
