@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dis
+import functools
 import inspect
+import sys
 from typing import List
 
 import torch
@@ -132,6 +135,55 @@ def training_model(model, reload: bool | None = None):
     return clone, False
 
 
+# ---------------------------------------------------------------------------------------------
+# Autograd through the host's inference code
+
+_NB_OPS = getattr(dis, "_nb_ops", None)  # BINARY_OP's operator names (Python 3.11+)
+
+
+def _is_augmented_assignment(frame) -> bool:
+    """Whether ``frame`` is executing ``a += b`` (or -=, *=, /=), as opposed to a call such as ``a.add_(b)``."""
+    code, i = frame.f_code.co_code, frame.f_lasti
+    if i < 0 or i + 1 >= len(code):
+        return False
+    name, arg = dis.opname[code[i]], code[i + 1]
+    if name == "BINARY_OP":
+        return _NB_OPS is not None and arg < len(_NB_OPS) and _NB_OPS[arg][0].startswith("NB_INPLACE")
+    return name.startswith("INPLACE_")  # Python 3.10
+
+
+class _OutOfPlaceAugmented(torch.overrides.TorchFunctionMode):
+    """Runs ``x += y`` in the host's model code as ``x = x + y`` while gradients are recorded.
+
+    The DiTs update their residual stream in place (Flux's blocks: ``x += apply_mod(...)`` after a
+    norm that saved ``x`` for the backward pass), which autograd refuses, with or without gradient
+    checkpointing. Python rebinds the name of an augmented assignment to whatever the operator
+    returns, so returning a new tensor is the same computation without the write; explicit calls
+    such as ``t.add_(u)``, whose result the caller may ignore, are left as they are.
+    """
+
+    OPS = {torch.Tensor.add_: torch.add, torch.Tensor.sub_: torch.sub, torch.Tensor.mul_: torch.mul,
+           torch.Tensor.div_: torch.div}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out_of_place = self.OPS.get(func)
+        if out_of_place is not None and torch.is_grad_enabled() and _is_augmented_assignment(sys._getframe(1)):
+            return out_of_place(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _autograd_safe(forward):
+    """``forward`` run under ``_OutOfPlaceAugmented``: for the model call, and for each checkpointed block,
+    whose forward autograd runs again during the backward pass, outside the model call."""
+    @functools.wraps(forward)
+    def safe(*args, **kwargs):
+        with _OutOfPlaceAugmented():
+            return forward(*args, **kwargs)
+
+    return safe
+
+
 class ComfyDenoiser:
     """``imagic.objective.Denoiser`` for a ComfyUI ModelPatcher (SD1.x, SD2.x v-pred, SDXL, flow models).
 
@@ -149,7 +201,7 @@ class ComfyDenoiser:
         self.owns_weights = False  # whether the training copy's weights are its own memory
         self.reload = None  # training_model's choice (tests force one)
         self.device = comfy.model_management.get_torch_device()
-        self._checkpointed: List[torch.nn.Module] = []
+        self._checkpointed: List[tuple] = []  # (module, its own instance forward or None)
 
     # -- Denoiser protocol ---------------------------------------------------------------
     def sample_timesteps(self, n, generator):
@@ -176,10 +228,11 @@ class ComfyDenoiser:
         transformer_options["cond_or_uncond"] = [0] * n
         wrapper = model_options.get("model_function_wrapper")
         c = dict(self.model_inputs(cond, x_in), transformer_options=transformer_options)
+        apply_model = _autograd_safe(self.base.apply_model)
         if wrapper is not None:
-            x0 = wrapper(self.base.apply_model, {"input": x_in, "timestep": s, "c": c, "cond_or_uncond": [0] * n})
+            x0 = wrapper(apply_model, {"input": x_in, "timestep": s, "c": c, "cond_or_uncond": [0] * n})
         else:
-            x0 = self.base.apply_model(x_in, s, **c)
+            x0 = apply_model(x_in, s, **c)
         x0 = x0.float()
         out = (x_in - x0) / sv  # epsilon, or the flow velocity for CONST models
         if self.prediction_type == "v_prediction":
@@ -191,7 +244,9 @@ class ComfyDenoiser:
         return self.base.diffusion_model
 
     def attach(self, delta):
-        return applied(delta, self.base.diffusion_model)
+        # A full fine-tune's base values can leave memory while it trains only if the training copy's
+        # weights are its own: on the aliased path they are the input MODEL's, which stays loaded.
+        return applied(delta, self.base.diffusion_model, offload_base=self.owns_weights)
 
     # -- host specifics --------------------------------------------------------------------
     def model_inputs(self, cond, x_in):
@@ -238,14 +293,20 @@ class ComfyDenoiser:
                     mm.in_training = True
                 if gradient_checkpointing:
                     for m in find_all_highest_child_module_with_forward(self.base.diffusion_model):
+                        own = m.__dict__.get("forward")
+                        m.forward = _autograd_safe(m.forward)  # the backward pass runs it again
                         patch(m)
-                        self._checkpointed.append(m)
+                        self._checkpointed.append((m, own))
                 yield self
             finally:
                 if was_training is not None:
                     mm.in_training = was_training
-                for m in self._checkpointed:
+                for m, own in self._checkpointed:
                     unpatch(m)
+                    if own is None:
+                        del m.forward  # the class's forward again
+                    else:
+                        m.forward = own
                 self._checkpointed.clear()
                 self.unload()
 
