@@ -47,7 +47,7 @@ def check_conditioning(cond: Conditioning, what: str) -> None:
 
 
 def check_latent(x0: torch.Tensor) -> None:
-    if x0.ndim != 4:
+    if x0.ndim not in (4, 5):  # 5: [1, C, 1, H, W], the form video-VAE image models read (Qwen-Image)
         raise ImagicError(f"the image latent must be [1, C, H, W], got shape {tuple(x0.shape)}")
     if x0.shape[0] != 1:
         raise ImagicError(f"the image latent has a batch of {x0.shape[0]} images; Imagic edits one image: "

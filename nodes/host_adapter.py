@@ -346,11 +346,17 @@ def check_family(model, tensor, what: str):
 
 def latent_for(model, latent: dict) -> torch.Tensor:
     samples = latent["samples"]
-    if samples.ndim != 4:
+    if getattr(samples, "is_nested", False) or samples.ndim not in (4, 5):
         raise ImagicError(f"the latent has shape {tuple(samples.shape)}; Imagic needs one image latent [1, C, H, W]")
+    # As the sampler does (comfy.sample.fix_empty_latent_channels): models with video-style latents
+    # (Qwen-Image) read an image as [B, C, 1, H, W].
+    if getattr(model.model.latent_format, "latent_dimensions", 2) == 3 and samples.ndim == 4:
+        samples = samples.unsqueeze(2)
     if samples.shape[0] != 1:
         raise ImagicError(f"the latent holds a batch of {samples.shape[0]} images; Imagic edits one image: pick one "
                           "with 'Latent From Batch' (batch_index, length 1) before this node")
+    if samples.ndim == 5 and samples.shape[2] != 1:
+        raise ImagicError(f"the latent holds {samples.shape[2]} frames; Imagic edits one image (one frame)")
     channels = model.model.latent_format.latent_channels
     if samples.shape[1] != channels:
         raise ImagicError(f"the latent has {samples.shape[1]} channels but this MODEL works on {channels}: "

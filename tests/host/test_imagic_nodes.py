@@ -448,3 +448,51 @@ def test_lora_side_branch_on_the_host_is_the_merged_weight_with_the_same_gradien
         torch.testing.assert_close(g_side, g_merged, rtol=1e-3, atol=1e-6)
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ------------------------------------------------------------------ the objective, by hand
+def objective_by_hand(pack, model, cond, latent, sigmas, seed=5):
+    """(the node's objective, the same loss computed by hand) at the given noise levels.
+
+    By hand: x_t from the parameterization's own formula, the target in the model's training
+    parameterization, and the prediction as the network's raw output (caught with a forward hook),
+    so a wrong x_t, a wrong target or a prediction recovered in the wrong form all show.
+    """
+    HA, imagic = pack["host_adapter"], pack["imagic"]
+    tensor, extra = cond[0]
+    h, w = latent["samples"].shape[-2:]
+    den = HA.ComfyDenoiser(model, extra, w * 8, h * 8)
+    seen = {}
+    with den.loaded():
+        net = den.base.diffusion_model
+        hooks = [net.register_forward_pre_hook(lambda m, a, k: seen.update(x=a[0] if a else k["x"]), with_kwargs=True),
+                 net.register_forward_hook(lambda m, a, out: seen.update(out=out))]
+        try:
+            x0 = HA.latent_for(model, latent).to(den.device)
+            s = torch.tensor(sigmas, dtype=torch.float32)
+            noise = torch.randn((len(sigmas),) + tuple(x0.shape[1:]), generator=torch.Generator().manual_seed(seed))
+            e = HA.text_embedding(den, tensor, extra)
+            with torch.no_grad():
+                node = imagic.denoising_loss(den, x0, e, noise, s).item()
+        finally:
+            for hk in hooks:
+                hk.remove()
+    sv = s.view(-1, 1, 1, 1)
+    noise = noise * den.noise_scale
+    if den.prediction_type == "flow":
+        x_t, target = (1 - sv) * x0 + sv * noise, noise - x0
+    else:  # the DDPM form of the host's sigma: alpha = 1 / sqrt(1 + sigma^2)
+        alpha, sigma_ddpm = torch.rsqrt(1 + sv * sv), sv * torch.rsqrt(1 + sv * sv)
+        x_t = alpha * x0 + sigma_ddpm * noise
+        target = noise if den.prediction_type == "epsilon" else alpha * noise - sigma_ddpm * x0
+    torch.testing.assert_close(seen["x"].float(), x_t, rtol=2e-3, atol=2e-3)  # what the network was given
+    hand = torch.nn.functional.mse_loss(seen["out"].float(), target).item()
+    return node, hand, den.prediction_type
+
+
+@pytest.mark.parametrize("family,expect", [("sd15", "epsilon"), ("sd2v", "v_prediction")])
+def test_the_nodes_objective_is_the_hand_computed_training_loss(comfy, pack, sd15_ckpt, sd2v_ckpt, family, expect):
+    model, target, latent = _family_case(comfy, sd15_ckpt if family == "sd15" else sd2v_ckpt, 64)
+    node, hand, kind = objective_by_hand(pack, model, target, latent, [0.5, 3.0, 12.0])
+    assert kind == expect
+    assert node == pytest.approx(hand, rel=1e-4)

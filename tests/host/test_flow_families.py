@@ -1,0 +1,200 @@
+"""The Imagic nodes on flow-matching families, each a tiny diffusion-model file the host detects as
+that family and loads with the stock Load Diffusion Model node (flow_models.py), conditioning built
+in code with the family's shapes (its real text encoders are billions of parameters).
+
+Qwen-Image, Lumina 2 and Z-Image cannot be made small for the host's detection (380M-910M
+parameters, 15-100 s each here): they run with IMAGIC_HOST_SLOW=1.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from . import flow_models
+from .comfy_host import call_node
+from .test_imagic_nodes import objective_by_hand, pack  # noqa: F401  (pack: the fixture)
+
+SLOW = os.environ.get("IMAGIC_HOST_SLOW", "") not in ("", "0")
+FAMILIES = [pytest.param(name, marks=pytest.mark.skipif(spec.heavy and not SLOW, reason=(
+    f"{name}: hundreds of millions of parameters at the smallest size the host detects; set IMAGIC_HOST_SLOW=1")),
+    id=name) for name, spec in flow_models.FAMILIES.items()]
+
+
+@pytest.fixture(scope="module")
+def models_dir(comfy, tmp_path_factory):
+    d = tmp_path_factory.mktemp("diffusion_models")
+    flow_models.register_diffusion_models_folder(d)
+    return d
+
+
+_LOADED: dict = {}
+
+
+@pytest.fixture
+def fam(comfy, pack, models_dir, request):  # noqa: F811
+    """(spec, MODEL from the stock UNETLoader, conditioning, latent) of the family; one at a time in memory."""
+    name = request.param
+    if name not in _LOADED:
+        _LOADED.clear()
+        spec = flow_models.FAMILIES[name]
+        path = models_dir / f"tiny_{name}.safetensors"
+        if not path.exists():
+            spec.build(path, seed=0)
+        comfy.folder_paths.filename_list_cache.clear()
+        with torch.inference_mode():
+            (model,) = call_node("UNETLoader", unet_name=path.name, weight_dtype="default")
+        _LOADED[name] = (spec, model, flow_models.conditioning(spec, seed=1), flow_models.latent(spec, seed=2))
+    return _LOADED[name]
+
+
+def families(test):
+    return pytest.mark.parametrize("fam", FAMILIES, indirect=True)(test)
+
+
+def call(node_cls, **kw):
+    with torch.inference_mode():
+        return node_cls.execute(**kw).args
+
+
+def held_out(pack, model, cond, latent, count=12):  # noqa: F811
+    HA, imagic = pack["host_adapter"], pack["imagic"]
+    tensor, extra = cond[0]
+    den = HA.ComfyDenoiser(model, extra, 64, 64)
+    with den.loaded():
+        x0 = HA.latent_for(model, latent).to(den.device)
+        pairs = imagic.held_out_pairs(den, x0, count=count, seed=11)
+        return imagic.evaluate_objective(den, x0, HA.text_embedding(den, tensor, extra), pairs)
+
+
+def sample(model, positive, negative, latent, seed=3, steps=2, cfg=1.0):
+    import comfy.sample
+    import nodes
+
+    with torch.inference_mode():
+        lat = {"samples": torch.zeros_like(latent["samples"])}
+        return nodes.common_ksampler(model, seed, steps, cfg, "euler", "simple", positive, negative, lat)[0]["samples"].clone()
+
+
+# --------------------------------------------------------------------------------------------------
+@families
+def test_the_family_is_detected_and_trained_as_a_flow_model(pack, fam):  # noqa: F811
+    spec, model, cond, latent = fam
+    assert type(model.model.model_config).__name__ == spec.model_class
+    den = pack["host_adapter"].ComfyDenoiser(model, cond[0][1], 64, 64)
+    assert den.prediction_type == "flow"
+
+
+@families
+def test_the_nodes_objective_is_the_hand_computed_velocity_loss(pack, fam):  # noqa: F811
+    spec, model, cond, latent = fam
+    node, hand, kind = objective_by_hand(pack, model, cond, latent, [0.15, 0.5, 0.9])
+    assert kind == "flow"
+    assert node == pytest.approx(hand, rel=1e-3)
+
+
+@families
+def test_noise_levels_are_drawn_with_the_models_shift(pack, fam):  # noqa: F811
+    """Uniform over the model's own (shifted) schedule, the one its sampler uses: not plain uniform t."""
+    spec, model, cond, latent = fam
+    den = pack["host_adapter"].ComfyDenoiser(model, cond[0][1], 64, 64)
+    table = model.get_model_object("model_sampling").sigmas.float()
+    s = den.sample_timesteps(20000, torch.Generator().manual_seed(0)).cpu()
+    assert torch.isin(s, table).all()
+    assert s.mean().item() == pytest.approx(table.mean().item(), abs=0.01)
+    if table.mean() > 0.55:  # a shift above 1 moves the training noise up, as the model was trained
+        assert s.mean() > 0.55
+
+
+@families
+def test_both_stages_lower_the_familys_objective_and_the_base_is_untouched(comfy, pack, fam):  # noqa: F811
+    spec, model, cond, latent = fam
+    C = pack["classes"]
+    state = {k: v.clone() for k, v in model.model.state_dict().items()}
+    base = held_out(pack, model, cond, latent)
+    e_opt, loss1 = call(C["ImagicOptimizeEmbedding"], model=model, conditioning=cond, latent=latent, steps=20,
+                        learning_rate=0.02, seed=0)
+    stage1 = held_out(pack, model, e_opt, latent)
+    tuned, lora, loss2 = call(C["ImagicFinetuneUNet"], model=model, conditioning=e_opt, latent=latent, steps=20,
+                              learning_rate=3e-3, seed=0, method="lora", rank=4, gradient_checkpointing=True)
+    stage2 = held_out(pack, tuned, e_opt, latent)
+    assert stage1 < base and stage2 < stage1, (base, stage1, stage2)
+    assert set(e_opt[0][1]) == set(cond[0][1]), "e_opt keeps every key of the conditioning (guidance, masks, ...)"
+    if spec.guidance is not None:
+        assert e_opt[0][1]["guidance"] == spec.guidance
+    if spec.pooled_width is not None:  # the model reads the pooled vector: stage 1 optimizes it too
+        assert not torch.equal(e_opt[0][1]["pooled_output"], cond[0][1]["pooled_output"])
+    for k, v in model.model.state_dict().items():
+        assert torch.equal(v, state[k]), f"base weight {k} changed"
+
+
+@families
+def test_saved_lora_loads_with_the_stock_loader_and_samples_like_the_node_model(comfy, pack, fam, caplog):  # noqa: F811
+    spec, model, cond, latent = fam
+    C = pack["classes"]
+    tuned, lora, _ = call(C["ImagicFinetuneUNet"], model=model, conditioning=cond, latent=latent, steps=4,
+                          learning_rate=3e-3, seed=1, method="lora", rank=4, gradient_checkpointing=False)
+    call_node("SaveLoRA", lora=lora, prefix=f"loras/imagic_{spec.name}")
+    saved = sorted((comfy.dirs["output"] / "loras").glob(f"imagic_{spec.name}_*.safetensors"))[-1]
+    shutil.copy(saved, comfy.dirs["loras"] / saved.name)
+    comfy.folder_paths.filename_list_cache.clear()
+    with caplog.at_level(logging.WARNING), torch.inference_mode():
+        import nodes
+
+        stock = nodes.LoraLoaderModelOnly().load_lora_model_only(model, saved.name, 1.0)[0]
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    negative = [[torch.zeros_like(cond[0][0]), dict(cond[0][1])]]
+    a, b = sample(tuned, cond, negative, latent), sample(stock, cond, negative, latent)
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert not torch.equal(a, sample(model, cond, negative, latent)), "the LoRA must change the model"
+
+
+@families
+def test_cancel_stops_training_within_a_step_and_leaves_the_model(comfy, pack, fam):  # noqa: F811
+    import comfy.model_management as mm
+    import comfy.utils
+
+    spec, model, cond, latent = fam
+    C = pack["classes"]
+    state = {k: v.clone() for k, v in model.model.state_dict().items()}
+    seen = []
+    old_hook = comfy.utils.PROGRESS_BAR_HOOK
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        if value >= 2:
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            call(C["ImagicFinetuneUNet"], model=model, conditioning=cond, latent=latent, steps=200,
+                 learning_rate=3e-3, seed=0, method="lora", rank=4, gradient_checkpointing=True)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old_hook)
+        mm.interrupt_current_processing(False)
+    assert max(seen) <= 3, seen
+    for k, v in model.model.state_dict().items():
+        assert torch.equal(v, state[k]), f"base weight {k} changed"
+
+
+@families
+def test_the_finetuned_model_samples_the_interpolated_conditioning_through_the_stock_sampler(pack, fam):  # noqa: F811
+    spec, model, cond, latent = fam
+    C = pack["classes"]
+    e_opt, _ = call(C["ImagicOptimizeEmbedding"], model=model, conditioning=cond, latent=latent, steps=3,
+                    learning_rate=0.02, seed=0)
+    tuned, _, _ = call(C["ImagicFinetuneUNet"], model=model, conditioning=e_opt, latent=latent, steps=3,
+                       learning_rate=3e-3, seed=0, method="lora", rank=4, gradient_checkpointing=True)
+    (edit,) = call(C["ImagicInterpolateConditioning"], target=cond, optimized=e_opt, eta=0.7)
+    assert set(edit[0][1]) == set(cond[0][1])
+    want = 0.7 * cond[0][0] + 0.3 * e_opt[0][0]
+    torch.testing.assert_close(edit[0][0], want)
+    negative = [[torch.zeros_like(cond[0][0]), dict(cond[0][1])]]
+    out = sample(tuned, edit, negative, latent, cfg=2.0)
+    assert out.shape[-2:] == latent["samples"].shape[-2:] and torch.isfinite(out).all()
+    assert not torch.equal(out, sample(model, edit, negative, latent, cfg=2.0))
