@@ -120,7 +120,8 @@ def aggregate(per_case, etas):
 
 
 def markdown(table, meta):
-    lines = [f"# Edit quality on the toy model ({meta['cases']} cases, {meta['date']})", "",
+    model = meta["settings"].get("model", "imagic/toy/model")
+    lines = [f"# Edit quality on the toy model `{model}` ({meta['cases']} cases, {meta['date']})", "",
              f"Settings: {meta['settings']}", "",
              "| method | best eta | edit (success and all else kept) | success | preservation | distance | "
              "to ideal edit | colour | shape | size | position |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -217,6 +218,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=1, help="cases in parallel, one process per core")
     p.add_argument("--model", default=str(MODEL_DIR))
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--stem", default=None, help="output file names (default edit_quality, or edit_quality_quick)")
     args = p.parse_args(argv)
     if args.quick:
         args.cases = 8
@@ -237,7 +239,10 @@ def main(argv=None):
         for i, case in enumerate(cases):
             _collect(i, case, _run_in_worker(case), cases, per_case, images, recon, t0)
     table = aggregate(per_case, args.etas)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "model")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "model", "stem")}
+    model = Path(args.model).resolve()
+    root = Path(__file__).resolve().parent.parent
+    settings["model"] = model.relative_to(root).as_posix() if model.is_relative_to(root) else str(model)
     meta = dict(cases=len(cases), date=datetime.now(timezone.utc).strftime("%Y-%m-%d"), settings=settings,
                 machine=f"{platform.processor() or platform.machine()}, "
                         + (f"{args.workers} worker processes of 1 thread" if args.workers > 1
@@ -245,7 +250,7 @@ def main(argv=None):
                 recon_distance=float(np.mean(recon)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "edit_quality_quick" if args.quick else "edit_quality"
+    stem = args.stem or ("edit_quality_quick" if args.quick else "edit_quality")
     (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, table=table, cases=per_case), indent=1))
     (out / f"{stem}.md").write_text(markdown(table, meta))
     plot(table, out / f"{stem}.png")

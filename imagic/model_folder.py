@@ -34,6 +34,10 @@ def check_model_folder(path: Union[str, Path]) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ImagicError(f"{index_file} is not valid JSON: {e}") from None
     missing = [c for c in REQUIRED_COMPONENTS if not (isinstance(index.get(c), list) and index[c][0])]
+    if "unet" in missing and isinstance(index.get("transformer"), list) and index["transformer"][0]:
+        raise ImagicError(f"{path} is a transformer model ({index.get('_class_name', 'a DiT pipeline')}: Flux, SD3, ...): "
+                          "the standalone path runs UNet models (SD1.x, SD2.x, SDXL, UNet flow models such as the "
+                          "flow toy); edit this model with the ComfyUI nodes")
     if missing:
         raise ImagicError(f"{path} is not a Stable Diffusion model: model_index.json lacks {', '.join(missing)}")
     return index

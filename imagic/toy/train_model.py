@@ -106,7 +106,7 @@ def scheduler_config(prediction_type: str = "v_prediction") -> dict:
     )
 
 
-def build(seed: int, prediction_type: str = "v_prediction"):
+def build(seed: int, prediction_type: str = "v_prediction", flow_shift: float = 3.0):
     from diffusers import UNet2DConditionModel, DDIMScheduler, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextModel
 
@@ -115,8 +115,11 @@ def build(seed: int, prediction_type: str = "v_prediction"):
     text_encoder = CLIPTextModel(text_config())
     if prediction_type == "flow":
         # Rectified flow as SD3/Flux train it: x_t = (1 - t) x0 + t noise, velocity target noise - x0,
-        # timestep input 1000 t. Shift 1: the toy's 32 px images need no shift toward high noise.
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        # timestep input 1000 t, t = shift u / (1 + (shift - 1) u) for u uniform. With shift 1 (t
+        # uniform) a 3400-step model rendered shape, colour and size perfectly and position at chance
+        # (0.48 on the gate): only 18% of its samples had the SNR below 0.05 at which the layout is
+        # decided, against about 40% of the v model's. Shift 3 gives 40%.
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift)
     else:
         scheduler = DDIMScheduler(**scheduler_config(prediction_type))
     return unet, text_encoder, scheduler
@@ -181,13 +184,13 @@ def train(out_dir, seed: int = 0, steps: int = 3400, batch_size: int = 32, lr: f
           warmup: int = 100, p_uncond: float = 0.1, min_snr_gamma: float | None = None,
           prediction_type: str = "v_prediction",
           ema_decay: float = 0.995, threads: int = 2, minutes: float | None = None,
-          log_every: int = 50) -> Path:
+          log_every: int = 50, flow_shift: float = 3.0) -> Path:
     from transformers import CLIPTokenizer
 
     torch.set_num_threads(threads)
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(prediction_type)
-    unet, text_encoder, scheduler = build(seed, prediction_type)
+    unet, text_encoder, scheduler = build(seed, prediction_type, flow_shift)
     write_tokenizer(Path(out_dir) / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(Path(out_dir) / "tokenizer")
     ids_of = CaptionIds(tokenizer)
@@ -245,7 +248,8 @@ def train(out_dir, seed: int = 0, steps: int = 3400, batch_size: int = 32, lr: f
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
         if flow:
-            s = torch.rand(batch_size)  # t uniform in [0, 1): the model sees timestep 1000 s
+            u = torch.rand(batch_size)  # the scheduler's shifted uniform t; the model sees timestep 1000 s
+            s = flow_shift * u / (1 + (flow_shift - 1) * u)
             xt = (1 - s).view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * noise
         else:
             xt = scheduler.add_noise(x0, noise, t)
@@ -280,13 +284,14 @@ def train(out_dir, seed: int = 0, steps: int = 3400, batch_size: int = 32, lr: f
         "training": {
             "seed": seed, "steps": done, "steps_requested": steps, "batch_size": batch_size,
             "lr": lr, "warmup": warmup, "p_uncond": p_uncond, "min_snr_gamma": min_snr_gamma,
-            "prediction_type": prediction_type,
+            "prediction_type": prediction_type, **({"flow_shift": flow_shift} if flow else {}),
             "ema_decay": ema_decay, "weights": "EMA", "threads": threads,
             "wall_seconds": round(wall, 1), "torch": torch.__version__,
             "images_seen": done * batch_size,
             "command": f"python -m imagic.toy.train_model --out DIR --seed {seed} --steps {done} "
                        f"--batch-size {batch_size} --lr {lr:g} --threads {threads} --prediction-type {prediction_type}"
-                       + (f" --min-snr-gamma {min_snr_gamma:g}" if min_snr_gamma is not None else ""),
+                       + (f" --min-snr-gamma {min_snr_gamma:g}" if min_snr_gamma is not None else "")
+                       + (f" --flow-shift {flow_shift:g}" if flow else ""),
         },
         "params": {"unet": n_unet, "text_encoder": n_text},
     }
@@ -310,10 +315,12 @@ def main(argv=None):
     ap.add_argument("--prediction-type", default="v_prediction", choices=list(PREDICTION_TYPES))
     ap.add_argument("--min-snr-gamma", type=float, default=None,
                     help="cap the loss weight at low noise (min-SNR); default: plain MSE on the target")
+    ap.add_argument("--flow-shift", type=float, default=3.0,
+                    help="flow models: t = shift u / (1 + (shift - 1) u), u uniform (also the scheduler's shift)")
     a = ap.parse_args(argv)
     train(a.out, seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
           threads=a.threads, minutes=a.minutes, min_snr_gamma=a.min_snr_gamma,
-          prediction_type=a.prediction_type)
+          prediction_type=a.prediction_type, flow_shift=a.flow_shift)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,13 @@ def models_dir(comfy, tmp_path_factory):
 _LOADED: dict = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _drop_loaded_models():
+    """Release the last family's MODEL with the module (not at interpreter exit, after the host's globals)."""
+    yield
+    _LOADED.clear()
+
+
 @pytest.fixture
 def fam(comfy, pack, models_dir, request):  # noqa: F811
     """(spec, MODEL from the stock UNETLoader, conditioning, latent) of the family; one at a time in memory."""

@@ -477,7 +477,7 @@ def objective_by_hand(pack, model, cond, latent, sigmas, seed=5):
         finally:
             for hk in hooks:
                 hk.remove()
-    sv = s.view(-1, 1, 1, 1)
+    sv = s.view((-1,) + (1,) * (x0.ndim - 1))
     noise = noise * den.noise_scale
     if den.prediction_type == "flow":
         x_t, target = (1 - sv) * x0 + sv * noise, noise - x0

@@ -8,6 +8,7 @@ queued through HostSession.run_prompt, exactly as the frontend would queue it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -21,12 +22,15 @@ from .comfy_host import REPO_ROOT
 
 WORKFLOWS = REPO_ROOT / "workflows"
 FILES = wt.workflow_files(WORKFLOWS)
-EXPECTED = ["imagic_basic_sd15", "imagic_controlnet", "imagic_eta_sweep", "imagic_save_and_reload", "imagic_sdxl",
-            "imagic_upscale"]
+EXPECTED = ["imagic_basic_sd15", "imagic_controlnet", "imagic_eta_sweep", "imagic_flux", "imagic_save_and_reload",
+            "imagic_sdxl", "imagic_upscale", "imagic_zimage"]
 # File names the workflows reference that the user supplies (models, the photo, saved results).
 USER_FILES = {"v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors", "example.png",
               "control_v11p_sd15_canny.pth", "RealESRGAN_x4plus.pth", "imagic_edit_500_steps_00001_.safetensors",
-              "imagic_edit.safetensors"}
+              "imagic_edit.safetensors", "flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors",
+              "ae.safetensors", "z_image_bf16.safetensors", "qwen_3_4b.safetensors"}
+SD15_WORKFLOWS = {"imagic_basic_sd15", "imagic_controlnet", "imagic_eta_sweep", "imagic_save_and_reload",
+                  "imagic_upscale"}
 PHOTO = "imagic_wf_photo.png"
 TRAINING = {"ImagicOptimizeEmbedding", "ImagicFinetuneUNet"}
 
@@ -126,12 +130,12 @@ def test_workflows_use_real_use_values(host):
     """512 for SD1.5, 1024 for SDXL, the nodes' defaults for training, eta in 0.6-0.8."""
     for path in FILES:
         prompt = wt.to_api(wt.load(path), definitions(host))
-        size = 1024 if "sdxl" in path.stem else 512
+        size = 512 if path.stem in SD15_WORKFLOWS else 1024
         for nid, e in prompt.items():
             ins = e["inputs"]
             if e["class_type"] in TRAINING:
                 assert ins["steps"] == 500, (path.name, nid)
-            if e["class_type"] in ("ImageScale", "EmptyLatentImage", "CLIPTextEncodeSDXL"):
+            if e["class_type"] in ("ImageScale", "EmptyLatentImage", "EmptySD3LatentImage", "CLIPTextEncodeSDXL"):
                 assert ins["width"] == ins["height"] == size, (path.name, nid)
             if e["class_type"] == "ImagicInterpolateConditioning":
                 assert 0.6 <= ins["eta"] <= 0.8
@@ -361,3 +365,91 @@ def test_save_then_reload_resamples_without_training(host, sd15_ckpt):
     assert not TRAINING & ran
     (image,) = saved_images(host, result2, prompt2)
     assert image_size(image) == (64, 64)
+
+
+# ------------------------------------------------------------------------- flow-model workflows
+def _flow_files(host, family: str, tmp_dir) -> tuple[str, str]:
+    """(diffusion-model file, VAE file) for a flow workflow: the family's tiny file and a TAESD with its
+    latent channels (the host's VAELoader detects TAESD by its keys)."""
+    import comfy.taesd.taesd
+    import safetensors.torch
+
+    from . import flow_models
+
+    spec = flow_models.FAMILIES[family]
+    fp = host.folder_paths
+    models = Path(tmp_dir) / "diffusion_models"
+    vae_dir = Path(tmp_dir) / "vae"
+    models.mkdir(exist_ok=True)
+    vae_dir.mkdir(exist_ok=True)
+    flow_models.register_diffusion_models_folder(models)
+    fp.add_model_folder_path("vae", str(vae_dir), is_default=True)
+    unet = f"tiny_{family}.safetensors"
+    if not (models / unet).exists():
+        spec.build(models / unet, seed=0)
+    vae_name = f"tiny_taesd_{spec.latent_shape[1]}ch.safetensors"
+    vae = comfy.taesd.taesd.TAESD(latent_channels=spec.latent_shape[1])
+    checkpoints._init_module_(vae, torch.Generator().manual_seed(0))
+    safetensors.torch.save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(vae_dir / vae_name))
+    fp.filename_list_cache.clear()
+    return unet, vae_name
+
+
+def _text_in_code(host, family: str, prompt: dict) -> str:
+    """The family's real text encoders (T5-XXL 4.7B, Qwen3-4B) cannot be built small for the host's
+    loaders: each CLIPTextEncode becomes a test node that gives the family's conditioning shapes, and
+    the CLIP loader goes. Every other node runs as saved. Returns the test node's id."""
+    import zlib
+
+    from . import flow_models
+
+    spec = flow_models.FAMILIES[family]
+
+    class FamilyText:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"text": ("STRING", {"multiline": True})}}
+
+        RETURN_TYPES, FUNCTION, CATEGORY = ("CONDITIONING",), "encode", "testing"
+
+        def encode(self, text):
+            return (flow_models.conditioning(spec, seed=zlib.crc32(text.encode())),)
+
+    node_id = f"ImagicTestText_{family}"
+    host.nodes.NODE_CLASS_MAPPINGS[node_id] = FamilyText
+    for nid in [k for k, e in prompt.items() if e["class_type"] in ("CLIPLoader", "DualCLIPLoader")]:
+        del prompt[nid]
+    for e in prompt.values():
+        if e["class_type"] == "CLIPTextEncode":
+            e["class_type"], e["inputs"] = node_id, {"text": e["inputs"]["text"]}
+    return node_id
+
+
+def _run_flow_workflow(host, name, family, tmp_path):
+    from . import flow_models
+
+    unet, vae = _flow_files(host, family, tmp_path)
+    prompt = shrink(wt.to_api(workflow(name), definitions(host)), "", unet_name=unet, vae_name=vae)
+    node_id = _text_in_code(host, family, prompt)
+    try:
+        result = run(host, prompt)
+    finally:
+        host.nodes.NODE_CLASS_MAPPINGS.pop(node_id, None)
+    (image,) = saved_images(host, result, prompt)
+    assert image_size(image) == (64, 64)
+    trained = {e["class_type"] for nid, e in prompt.items() if nid in result.executed}
+    assert {"UNETLoader", "ImagicOptimizeEmbedding", "ImagicFinetuneUNet", "ImagicInterpolateConditioning",
+            "KSampler"} <= trained
+    return prompt, result
+
+
+def test_flux_workflow_runs_with_flux_guidance_on_a_tiny_flux_dev(host, tmp_path):
+    prompt, _ = _run_flow_workflow(host, "imagic_flux", "flux_dev", tmp_path)
+    assert ids_of(prompt, "FluxGuidance") and ids_of(prompt, "ConditioningZeroOut")
+
+
+@pytest.mark.skipif(os.environ.get("IMAGIC_HOST_SLOW", "") in ("", "0"),
+                    reason="the smallest Z-Image the host detects is 909M parameters: set IMAGIC_HOST_SLOW=1")
+def test_zimage_workflow_runs_on_a_tiny_zimage(host, tmp_path):
+    prompt, _ = _run_flow_workflow(host, "imagic_zimage", "zimage", tmp_path)
+    assert ids_of(prompt, "ModelSamplingAuraFlow")
