@@ -53,7 +53,11 @@ MODEL_WIDGETS = {
     "UpscaleModelLoader": ("model_name", "upscale_models"),
     "VAELoader": ("vae_name", "vae"),
     "ImagicLoadEmbedding": ("embedding", "imagic"),
+    "UNETLoader": ("unet_name", "diffusion_models"),
+    "CLIPLoader": ("clip_name", "text_encoders"),
+    "DualCLIPLoader": ("clip_name1", "text_encoders"),  # and clip_name2: FILE_WIDGETS
 }
+FILE_WIDGETS = {"DualCLIPLoader": 2}  # loaders whose first N widgets are files (default 1)
 IMAGE_WIDGETS = {"LoadImage": "image"}
 
 # Settings written to the server's user folder before the page first opens: no first-run
@@ -246,15 +250,16 @@ class ComfyServer:
                 name = vals[0]   # every loader above has its file as its first widget
                 if t in MODEL_WIDGETS:
                     folder = MODEL_WIDGETS[t][1]
-                    dst = self.models(folder) / name
-                    if dst.exists() or dst.is_symlink():
-                        continue
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    if folder == "checkpoints" and tiny.exists():
-                        os.symlink(tiny, dst)
-                    else:
-                        dst.write_bytes(b"")
-                    made.setdefault(folder, []).append(name)
+                    for name in vals[:FILE_WIDGETS.get(t, 1)]:
+                        dst = self.models(folder) / name
+                        if dst.exists() or dst.is_symlink():
+                            continue
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        if folder == "checkpoints" and tiny.exists():
+                            os.symlink(tiny, dst)
+                        else:
+                            dst.write_bytes(b"")
+                        made.setdefault(folder, []).append(name)
                 elif t in IMAGE_WIDGETS and images:
                     dst = self.base / "input" / name
                     if not dst.exists():
