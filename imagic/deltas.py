@@ -172,7 +172,7 @@ class FullDelta(WeightDelta):
         return self
 
     @contextmanager
-    def base_offloaded(self, folder=None):
+    def base_offloaded(self, folder=None, also: Optional[nn.Module] = None):
         """Training form: the module's values of the trained tensors wait outside the compute memory.
 
         While training, the layers read W' only, so the module's own copy (one model-sized buffer
@@ -180,7 +180,9 @@ class FullDelta(WeightDelta):
         is on the CPU (modules on an accelerator) or in a temporary safetensors file mapped from
         disk (CPU modules: ``folder``, default the system's temporary folder; pages are read back
         only when touched); on exit every parameter gets its exact values back in ordinary memory
-        on its device, and the file is deleted, also after an error or a cancel.
+        on its device, and the file is deleted, also after an error or a cancel. ``also``: a module
+        whose same-named parameters are views of the same memory (the host's input network, which
+        the training network aliases): they wait and come back with them, or nothing would be freed.
         """
         if self._base is None or not self._base:
             yield
@@ -192,8 +194,17 @@ class FullDelta(WeightDelta):
         from safetensors.torch import save_file
 
         base = self._base
+        names = sorted(self._index, key=self._index.get)
+        sharers = [[] for _ in base]
+        if also is not None:
+            theirs = dict(also.named_parameters())
+            for i, name in enumerate(names):
+                q = theirs.get(name)
+                if q is not None and q is not base[i] and q.shape == base[i].shape and q.data_ptr() == base[i].data_ptr():
+                    sharers[i].append(q)
         # Where each tensor lives now; the references are dropped before training so the memory is freed.
-        homes = [(p.device, p.dtype, p.shape, p.stride()) for p in base]
+        homes = [(p.device, p.dtype, p.shape, p.stride(), [q.is_inference() for q in [p] + sharers[i]])
+                 for i, p in enumerate(base)]
         on_cpu = [device.type == "cpu" for device, *_ in homes]
         path, moved = None, 0
         try:
@@ -210,15 +221,20 @@ class FullDelta(WeightDelta):
                                           "TMPDIR at a folder with room") from None
                     mapped = safe_open(path, framework="pt")
                 for i, p in enumerate(base):
-                    p.data = mapped.get_tensor(str(i)) if on_cpu[i] else p.data.to("cpu", copy=True)
+                    parked = mapped.get_tensor(str(i)) if on_cpu[i] else p.data.to("cpu", copy=True)
+                    for q in [p] + sharers[i]:
+                        q.data = parked
                     moved = i + 1
             yield
         finally:
             with torch.no_grad():
-                for p, (device, dtype, shape, stride) in zip(base[:moved], homes):
-                    home = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-                    home.copy_(p.data)
-                    p.data = home
+                for i, (p, (device, dtype, shape, stride, inference)) in enumerate(zip(base[:moved], homes)):
+                    # One tensor again for the parameter and its sharers, an inference tensor where it was one.
+                    with torch.inference_mode(any(inference)):
+                        home = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                        home.copy_(p.data)
+                    for q in [p] + sharers[i]:
+                        q.data = home
             if path is not None:
                 os.remove(path)
 
@@ -349,14 +365,15 @@ def side_branch_ok(module: nn.Module) -> bool:
 
 
 @contextmanager
-def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool = True, offload_base: bool = False):
+def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool = True, offload_base: bool = False,
+            offload_also: Optional[nn.Module] = None):
     """Inside the block, ``module`` computes with weight + delta; afterwards it is exactly as before.
 
     LoRA runs as a side branch of each layer (a forward hook) where the layer allows it; a LoRA
     with ``side_branch=False``, or a full delta in difference form, is a parametrization
     weight + delta(name); a full delta in training form replaces the weight by its trained copy,
-    and with ``offload_base`` the module's own values wait outside memory meanwhile
-    (``FullDelta.base_offloaded``). The module's values are never changed either way, so the base
+    and with ``offload_base`` the module's own values (and ``offload_also``'s, where they are
+    the same memory) wait outside memory meanwhile (``FullDelta.base_offloaded``). The module's values are never changed either way, so the base
     stays bit for bit unchanged.
     """
     if delta is None:
@@ -375,7 +392,7 @@ def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool =
             parametrize.register_parametrization(layer, tensor_name, use, unsafe=True)
             touched.append((layer, tensor_name))
         if offload_base and isinstance(delta, FullDelta) and delta.training_form:
-            offloaded.enter_context(delta.base_offloaded())
+            offloaded.enter_context(delta.base_offloaded(also=offload_also))
         yield
     finally:
         offloaded.close()

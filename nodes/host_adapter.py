@@ -244,9 +244,11 @@ class ComfyDenoiser:
         return self.base.diffusion_model
 
     def attach(self, delta):
-        # A full fine-tune's base values can leave memory while it trains only if the training copy's
-        # weights are its own: on the aliased path they are the input MODEL's, which stays loaded.
-        return applied(delta, self.base.diffusion_model, offload_base=self.owns_weights)
+        # A full fine-tune reads only its trained copy: the base values wait outside memory meanwhile. On
+        # the aliased path they are the input MODEL's own memory, so its parameters wait with them (no
+        # other node runs meanwhile) and are back, bit for bit and where they were, when training ends.
+        also = None if self.owns_weights else self.source.model.diffusion_model
+        return applied(delta, self.base.diffusion_model, offload_base=True, offload_also=also)
 
     # -- host specifics --------------------------------------------------------------------
     def model_inputs(self, cond, x_in):

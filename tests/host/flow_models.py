@@ -42,6 +42,11 @@ from .checkpoints import _init_module_
 WEIGHT_DTYPE = torch.bfloat16
 
 
+class NotOnThisHost(Exception):
+    """The host cannot detect a tiny file of this family: it lacks the family, or its detection fixes
+    sizes that the tiny config changes (ComfyUI 0.8 reads Flux's num_heads as 24, not from the file)."""
+
+
 @dataclass
 class FlowModelInfo:
     path: Path
@@ -184,6 +189,8 @@ def state_dict(spec: FlowFamily | str, seed: int = 0):
     import comfy.supported_models
     spec = FAMILIES[spec] if isinstance(spec, str) else spec
     gen = torch.Generator().manual_seed(seed)
+    if not hasattr(comfy.supported_models, spec.model_class):
+        raise NotOnThisHost(f"this host has no {spec.model_class} model (comfy.supported_models)")
     mc = getattr(comfy.supported_models, spec.model_class)(dict(spec.unet_config))
     with torch.device("meta"):
         base = mc.get_model({})
@@ -219,7 +226,8 @@ def build(spec: FlowFamily | str, path, seed: int = 0) -> FlowModelInfo:
         raise AssertionError(f"host detects {got_class}, wanted {spec.model_class} for {spec.name}")
     diff = _diff(spec.unet_config, got_cfg or {})
     if diff:
-        raise AssertionError(f"host reads back a different config for {spec.name} (wanted, got): {diff}")
+        raise NotOnThisHost(f"this host's detection reads a different config for a tiny {spec.name} "
+                            f"(wanted, got): {diff}")
     tmp = path.with_name(path.name + ".part")
     comfy.utils.save_torch_file(sd, str(tmp), metadata={"imagic_test": "tiny random weights"})
     os.replace(tmp, path)

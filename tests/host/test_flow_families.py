@@ -51,7 +51,10 @@ def fam(comfy, pack, models_dir, request):  # noqa: F811
         spec = flow_models.FAMILIES[name]
         path = models_dir / f"tiny_{name}.safetensors"
         if not path.exists():
-            spec.build(path, seed=0)
+            try:
+                spec.build(path, seed=0)
+            except flow_models.NotOnThisHost as e:
+                pytest.skip(str(e))
         comfy.folder_paths.filename_list_cache.clear()
         with torch.inference_mode():
             (model,) = call_node("UNETLoader", unet_name=path.name, weight_dtype="default")
@@ -168,12 +171,13 @@ def test_cancel_stops_training_within_a_step_and_leaves_the_model(comfy, pack, f
     spec, model, cond, latent = fam
     C = pack["classes"]
     state = {k: v.clone() for k, v in model.model.state_dict().items()}
-    seen = []
+    seen, cancelled_at = [], []
     old_hook = comfy.utils.PROGRESS_BAR_HOOK
 
-    def hook(value, total, preview, node_id=None):
+    def hook(value, total, preview, node_id=None):  # the host's progress bar skips values: note where
         seen.append(value)
-        if value >= 2:
+        if value >= 2 and not cancelled_at:
+            cancelled_at.append(value)
             mm.interrupt_current_processing(True)
 
     comfy.utils.set_progress_bar_global_hook(hook)
@@ -184,7 +188,7 @@ def test_cancel_stops_training_within_a_step_and_leaves_the_model(comfy, pack, f
     finally:
         comfy.utils.set_progress_bar_global_hook(old_hook)
         mm.interrupt_current_processing(False)
-    assert max(seen) <= 3, seen
+    assert max(seen) <= cancelled_at[0] + 1, (seen, cancelled_at)
     for k, v in model.model.state_dict().items():
         assert torch.equal(v, state[k]), f"base weight {k} changed"
 

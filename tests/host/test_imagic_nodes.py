@@ -405,6 +405,14 @@ def test_model_kinds_imagic_cannot_train_are_refused_by_name(comfy, pack, loaded
         with pytest.raises(Exception, match="IMG_TO_IMG_FLOW"):
             call(C["ImagicOptimizeEmbedding"], model=with_sampling(kinds.IMG_TO_IMG_FLOW), conditioning=loaded["target"],
                  latent=loaded["latent"], steps=1, learning_rate=1e-3, seed=0)
+    for name in ("X0", "IMG_TO_IMG", "EDM", "V_PREDICTION_DDPM", "COSMOS_RFLOW"):
+        kind = getattr(kinds, name, None)
+        if kind is None:
+            continue
+        with pytest.raises(Exception, match=f"parameterization .*{name}.* not supported"):
+            call(C["ImagicFinetuneUNet"], model=with_sampling(kind), conditioning=loaded["target"],
+                 latent=loaded["latent"], steps=1, learning_rate=1e-3, seed=0, method="lora", rank=4,
+                 gradient_checkpointing=False)
     flow = with_sampling(kinds.CONST)
     den = pack["host_adapter"].ComfyDenoiser(flow, {}, 64, 64)
     assert den.prediction_type == "flow" and den.noise_scale == 1.0
@@ -496,3 +504,45 @@ def test_the_nodes_objective_is_the_hand_computed_training_loss(comfy, pack, sd1
     node, hand, kind = objective_by_hand(pack, model, target, latent, [0.5, 3.0, 12.0])
     assert kind == expect
     assert node == pytest.approx(hand, rel=1e-4)
+
+
+def test_full_finetune_offloads_the_input_models_weights_while_training_and_puts_them_back(comfy, pack, loaded):
+    """A full fine-tune reads only its trained copy: the input MODEL's weights (which the training
+    network shares) leave their memory while it trains, and come back bit for bit, as the same kind
+    of tensor on the same device; the trained difference is the same as without offloading."""
+    import comfy.utils
+
+    C, model = pack["classes"], loaded["model"]
+    net = model.model.diffusion_model
+    params = dict(net.named_parameters())
+    before = {k: (p.detach().clone(), p.data_ptr(), p.is_inference(), p.device) for k, p in params.items()}
+    moved = []
+    old_hook = comfy.utils.PROGRESS_BAR_HOOK
+
+    def hook(value, total, preview, node_id=None):
+        if value == 1:
+            moved.append(sum(p.data_ptr() != before[k][1] for k, p in params.items()))
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        _, diff, _ = call(C["ImagicFinetuneUNet"], model=model, conditioning=loaded["target"], latent=loaded["latent"],
+                          steps=2, learning_rate=1e-6, seed=0, method="full", rank=4, gradient_checkpointing=False)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old_hook)
+    weights = [k for k in params if k.endswith((".weight", ".bias"))]
+    assert moved and moved[0] >= len(weights), (moved, len(weights))
+    for k, p in net.named_parameters():
+        value, _, inference, device = before[k]
+        assert torch.equal(p, value) and p.is_inference() == inference and p.device == device, k
+    HA = pack["host_adapter"]
+    # The same training without offloading (the core's applied() with offload_base off) gives the same difference.
+    den_cls = HA.ComfyDenoiser
+    plain_attach = den_cls.attach
+    try:
+        den_cls.attach = lambda self, delta: HA.applied(delta, self.base.diffusion_model)
+        _, diff_plain, _ = call(C["ImagicFinetuneUNet"], model=model, conditioning=loaded["target"],
+                                latent=loaded["latent"], steps=2, learning_rate=1e-6, seed=0, method="full", rank=4,
+                                gradient_checkpointing=False)
+    finally:
+        den_cls.attach = plain_attach
+    assert diff.keys() == diff_plain.keys() and all(torch.equal(diff[k], diff_plain[k]) for k in diff)

@@ -386,7 +386,10 @@ def _flow_files(host, family: str, tmp_dir) -> tuple[str, str]:
     fp.add_model_folder_path("vae", str(vae_dir), is_default=True)
     unet = f"tiny_{family}.safetensors"
     if not (models / unet).exists():
-        spec.build(models / unet, seed=0)
+        try:
+            spec.build(models / unet, seed=0)
+        except flow_models.NotOnThisHost as e:
+            pytest.skip(str(e))
     vae_name = f"tiny_taesd_{spec.latent_shape[1]}ch.safetensors"
     vae = comfy.taesd.taesd.TAESD(latent_channels=spec.latent_shape[1])
     checkpoints._init_module_(vae, torch.Generator().manual_seed(0))
