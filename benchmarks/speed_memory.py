@@ -247,10 +247,9 @@ def estimate_gb(model: str, latent: int, stage: str, cfg: dict, backend: str = "
     each layer (nothing merged; the "merged" row merges it into the weights, one more copy kept for
     the backward pass), and a full fine-tune by training one fp32 copy W' of the weights, each
     tensor taking its Adam step as its gradient completes (``run_training(step_in_backward)``):
-    base + W' + 2 Adam states, no model-sized gradient; on the diffusers path the base waits in a
-    file-mapped (CPU) or CPU (GPU) copy meanwhile (``FullDelta.base_offloaded``), so W' + 2 Adam
-    states. The host trains a private network on the input's own memory (no weight copy), which
-    stays loaded: there the base counts. The in-place baseline (the peer's method): weights +
+    base + W' + 2 Adam states, no model-sized gradient, and the base waits in a file-mapped (CPU)
+    or CPU (GPU) copy meanwhile (``FullDelta.base_offloaded``; on the host with the input MODEL's
+    weights, which the private training network shares), so W' + 2 Adam states. The in-place baseline (the peer's method): weights +
     gradients + 2 Adam states. Under autocast, stage 1 keeps the half-precision copy of every
     weight for its backward pass.
     """
@@ -278,8 +277,7 @@ def estimate_gb(model: str, latent: int, stage: str, cfg: dict, backend: str = "
     foreach_tmp = p if cfg["adam"] == "fast" else 0.0  # foreach Adam's sqrt(v) list on CPU (in-place rows)
     if cfg["full_impl"] == "inplace":  # the weights themselves train: grads + 2 Adam states
         return p + 3 * p + foreach_tmp + act + proc
-    base = p if backend == "host" else 0.0  # offloaded on the diffusers path
-    return base + p + 2 * p + act + proc  # base + W' + 2 Adam states (gradients stepped and freed in backward)
+    return p + 2 * p + act + proc  # W' + 2 Adam states (base offloaded; gradients stepped and freed in backward)
 
 
 # ----------------------------------------------------------------------------- worker
