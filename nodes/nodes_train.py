@@ -24,8 +24,9 @@ def _node_id(cls):
 
 def _common_inputs(cond_tooltip, steps_default, lr_default, lr_tooltip):
     return [
-        io.Model.Input("model", tooltip="The Stable Diffusion model (SD1.x, SD2.x, SDXL), with any LoRA or patches "
-                                        "already applied: Imagic trains on the model exactly as the sampler sees it."),
+        io.Model.Input("model", tooltip="The diffusion model (SD1.x, SD2.x, SDXL, or a flow model: Flux, SD3.5, "
+                                        "Z-Image, Qwen-Image, ...), with any LoRA or patches already applied: Imagic "
+                                        "trains on the model exactly as the sampler sees it."),
         io.Conditioning.Input("conditioning", tooltip=cond_tooltip),
         io.Latent.Input("latent", tooltip="The photo to edit, from VAE Encode (one image)."),
         io.Int.Input("steps", default=steps_default, min=0, max=100000,
