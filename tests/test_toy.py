@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from imagic.toy import data, MODEL_DIR, CLASSIFIER_PATH
+from imagic.toy import data, FLOW_MODEL_DIR, MODEL_DIR, CLASSIFIER_PATH
+
+SHIPPED = pytest.mark.parametrize("model_dir", [MODEL_DIR, FLOW_MODEL_DIR], ids=["v_prediction", "flow"])
 
 
 def test_generator_is_deterministic_per_seed():
@@ -82,23 +84,29 @@ def test_tokenizer_files_match_generator(tmp_path):
         assert (tmp_path / name).read_text() == (MODEL_DIR / "tokenizer" / name).read_text()
 
 
-def test_model_folder_layout_and_size():
-    index = json.loads((MODEL_DIR / "model_index.json").read_text())
+@SHIPPED
+def test_model_folder_layout_and_size(model_dir):
+    index = json.loads((model_dir / "model_index.json").read_text())
     assert index.get("vae", [None, None]) == [None, None]
     for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
-        assert (MODEL_DIR / sub).is_dir()
-    files = [p for p in MODEL_DIR.rglob("*") if p.is_file()]
+        assert (model_dir / sub).is_dir()
+    files = [p for p in model_dir.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
     assert sum(p.stat().st_size for p in files) < 20 * 2**20
 
 
-def test_model_loads_and_forward_is_finite(tokenizer):
+@SHIPPED
+def test_model_loads_and_forward_is_finite(tokenizer, model_dir):
+    from imagic.pipeline import is_flow_scheduler
     from imagic.toy.sample import load_components, encode_text
 
-    comp = load_components(MODEL_DIR)
+    comp = load_components(model_dir)
     unet, sched = comp["unet"], comp["scheduler"]
     assert unet.config.sample_size == 32 and unet.config.in_channels == 3 and unet.config.out_channels == 3
-    assert sched.config.prediction_type in ("epsilon", "v_prediction")
+    if model_dir == FLOW_MODEL_DIR:
+        assert is_flow_scheduler(sched) and sched.config.shift == 3.0
+    else:
+        assert sched.config.prediction_type in ("epsilon", "v_prediction")
     assert sched.config.num_train_timesteps == 1000
     emb = encode_text(comp, ["a small blue square on the right", ""])
     assert emb.shape == (2, tokenizer.model_max_length, unet.config.cross_attention_dim)
@@ -108,7 +116,8 @@ def test_model_loads_and_forward_is_finite(tokenizer):
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
 
 
-def test_shipped_model_draws_what_the_caption_says():
+@SHIPPED
+def test_shipped_model_draws_what_the_caption_says(model_dir):
     """The shipped weights follow the caption (position included), at the gate's sampler settings."""
     from imagic.toy.classifier import predict_attributes
     from imagic.toy.sample import GATE, generate
@@ -116,7 +125,7 @@ def test_shipped_model_draws_what_the_caption_says():
     combos = [{"shape": "square", "colour": c, "size": "large", "position": p}
               for c in ("red", "blue") for p in ("left", "right")] * 2
     captions = [data.caption(c) for c in combos]
-    imgs = generate(MODEL_DIR, captions, seed=7, steps=GATE["steps"], guidance=GATE["guidance"])
+    imgs = generate(model_dir, captions, seed=7, steps=GATE["steps"], guidance=GATE["guidance"])
     assert imgs.shape == (8, 32, 32, 3) and imgs.dtype == np.uint8
     pred = predict_attributes(imgs)
     # Gate: 91% over all combinations, every large shape right in 32 of 32, small circles and squares
@@ -125,8 +134,8 @@ def test_shipped_model_draws_what_the_caption_says():
     for name in data.ATTRIBUTE_NAMES:
         right = sum(p[name] == c[name] for p, c in zip(pred, combos))
         assert right >= need[name], (name, right, pred)
-    again = generate(MODEL_DIR, captions[:2], seed=7, steps=3, guidance=GATE["guidance"])
-    assert np.array_equal(again, generate(MODEL_DIR, captions[:2], seed=7, steps=3, guidance=GATE["guidance"]))
+    again = generate(model_dir, captions[:2], seed=7, steps=3, guidance=GATE["guidance"])
+    assert np.array_equal(again, generate(model_dir, captions[:2], seed=7, steps=3, guidance=GATE["guidance"]))
 
 
 def test_shipped_classifier_accuracy():

@@ -7,11 +7,13 @@
 - :mod:`imagic.toy.classifier`: attribute classifier used to score samples and edits.
 
 The shipped weights live in ``imagic/toy/model/`` (diffusers folder, pixel space:
-no VAE, latents = image * 2 - 1) and ``imagic/toy/classifier.safetensors``.
+no VAE, latents = image * 2 - 1; v-prediction), ``imagic/toy/model_flow/`` (the same data and
+budget as a rectified-flow model) and ``imagic/toy/classifier.safetensors``.
 """
 
 from pathlib import Path
 
 TOY_DIR = Path(__file__).resolve().parent
 MODEL_DIR = TOY_DIR / "model"
+FLOW_MODEL_DIR = TOY_DIR / "model_flow"
 CLASSIFIER_PATH = TOY_DIR / "classifier.safetensors"
