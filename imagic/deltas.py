@@ -15,9 +15,8 @@ State-dict keys follow the LoRA format that ComfyUI's loaders read (``<module>.l
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Dict, Iterable, List, Mapping, Optional
 
 import torch
@@ -184,7 +183,7 @@ class FullDelta(WeightDelta):
         whose same-named parameters are views of the same memory (the host's input network, which
         the training network aliases): they wait and come back with them, or nothing would be freed.
         """
-        if self._base is None or not self._base:
+        if not self._base:
             yield
             return
         import os
@@ -373,14 +372,14 @@ def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool =
     with ``side_branch=False``, or a full delta in difference form, is a parametrization
     weight + delta(name); a full delta in training form replaces the weight by its trained copy,
     and with ``offload_base`` the module's own values (and ``offload_also``'s, where they are
-    the same memory) wait outside memory meanwhile (``FullDelta.base_offloaded``). The module's values are never changed either way, so the base
-    stays bit for bit unchanged.
+    the same memory) wait outside memory meanwhile (``FullDelta.base_offloaded``). The module's
+    values are never changed either way, so the base stays bit for bit unchanged.
     """
     if delta is None:
         yield
         return
     touched, hooks = [], []
-    offloaded = contextlib.ExitStack()
+    offloaded = ExitStack()
     try:
         for name in delta.names():
             module_name, tensor_name = name.rsplit(".", 1)

@@ -122,8 +122,10 @@ class DiffusersDenoiser:
 
 
 def is_flow_scheduler(scheduler) -> bool:
-    """Rectified-flow schedulers (SD3, Flux, the flow toy): diffusers' FlowMatch* classes."""
-    return type(scheduler).__name__.startswith("FlowMatch")
+    """Rectified-flow schedulers (SD3, Flux, the flow toy): diffusers' FlowMatch* classes (an instance,
+    or a scheduler config's ``_class_name``)."""
+    name = scheduler if isinstance(scheduler, str) else type(scheduler).__name__
+    return name.startswith("FlowMatch")
 
 
 def load_scheduler(model, local: bool):
@@ -131,7 +133,7 @@ def load_scheduler(model, local: bool):
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
     config = DDIMScheduler.load_config(model, subfolder="scheduler", local_files_only=local)
-    if str(config.get("_class_name", "")).startswith("FlowMatch"):
+    if is_flow_scheduler(str(config.get("_class_name", ""))):
         return FlowMatchEulerDiscreteScheduler.from_config(config)
     return DDIMScheduler.from_config(config)
 

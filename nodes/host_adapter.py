@@ -204,7 +204,7 @@ class ComfyDenoiser:
         self.noise_scale = float(getattr(self.ms, "noise_scale", 1.0))  # CONST.noise_scaling's factor
         self.cond_extra = dict(cond_extra)
         self.width, self.height = width, height
-        self.patcher = self.base = None
+        self.patcher = self.base = self._apply_model = None
         self.owns_weights = False  # whether the training copy's weights are its own memory
         self.reload = None  # training_model's choice (tests force one)
         self.device = comfy.model_management.get_torch_device()
@@ -242,11 +242,10 @@ class ComfyDenoiser:
         c = dict(self.model_inputs(cond, x_in), transformer_options=transformer_options)
         if self.out_of_place is None and torch.is_grad_enabled():
             self.out_of_place = self._probe_in_place_writes(x_in, s, c)
-        apply_model = _autograd_safe(self.base.apply_model, lambda: bool(self.out_of_place))
         if wrapper is not None:
-            x0 = wrapper(apply_model, {"input": x_in, "timestep": s, "c": c, "cond_or_uncond": [0] * n})
+            x0 = wrapper(self._apply_model, {"input": x_in, "timestep": s, "c": c, "cond_or_uncond": [0] * n})
         else:
-            x0 = apply_model(x_in, s, **c)
+            x0 = self._apply_model(x_in, s, **c)
         x0 = x0.float()
         out = (x_in - x0) / sv  # epsilon, or the flow velocity for CONST models
         if self.prediction_type == "v_prediction":
@@ -317,6 +316,7 @@ class ComfyDenoiser:
                 self.patcher, self.owns_weights = training_model(self.source, self.reload)
                 self.base = self.patcher.model
                 self.base.requires_grad_(False)
+                self._apply_model = _autograd_safe(self.base.apply_model, lambda: bool(self.out_of_place))
                 mm.load_models_gpu([self.patcher], memory_required=0, force_full_load=True)
                 if was_training is not None:
                     # Some models switch to autograd-safe kernels while this is set (the host's trainer sets it).
@@ -345,7 +345,7 @@ class ComfyDenoiser:
             return
         _unload_where(lambda p: p is self.patcher)
         self.patcher.unpatch_model()
-        self.patcher = self.base = None
+        self.patcher = self.base = self._apply_model = None
         comfy.model_management.soft_empty_cache()
 
 

@@ -17,7 +17,7 @@ import torch
 
 from . import flow_models
 from .comfy_host import call_node
-from .test_imagic_nodes import objective_by_hand, pack  # noqa: F401  (pack: the fixture)
+from .test_imagic_nodes import objective, objective_by_hand, pack  # noqa: F401  (pack: the fixture)
 
 SLOW = os.environ.get("IMAGIC_HOST_SLOW", "") not in ("", "0")
 FAMILIES = [pytest.param(name, marks=pytest.mark.skipif(spec.heavy and not SLOW, reason=(
@@ -71,18 +71,7 @@ def call(node_cls, **kw):
         return node_cls.execute(**kw).args
 
 
-def held_out(pack, model, cond, latent, count=12):  # noqa: F811
-    HA, imagic = pack["host_adapter"], pack["imagic"]
-    tensor, extra = cond[0]
-    den = HA.ComfyDenoiser(model, extra, 64, 64)
-    with den.loaded():
-        x0 = HA.latent_for(model, latent).to(den.device)
-        pairs = imagic.held_out_pairs(den, x0, count=count, seed=11)
-        return imagic.evaluate_objective(den, x0, HA.text_embedding(den, tensor, extra), pairs)
-
-
 def sample(model, positive, negative, latent, seed=3, steps=2, cfg=1.0):
-    import comfy.sample
     import nodes
 
     with torch.inference_mode():
@@ -125,13 +114,13 @@ def test_both_stages_lower_the_familys_objective_and_the_base_is_untouched(comfy
     spec, model, cond, latent = fam
     C = pack["classes"]
     state = {k: v.clone() for k, v in model.model.state_dict().items()}
-    base = held_out(pack, model, cond, latent)
+    base = objective(pack, model, cond, latent, count=12)
     e_opt, loss1 = call(C["ImagicOptimizeEmbedding"], model=model, conditioning=cond, latent=latent, steps=20,
                         learning_rate=0.02, seed=0)
-    stage1 = held_out(pack, model, e_opt, latent)
+    stage1 = objective(pack, model, e_opt, latent, count=12)
     tuned, lora, loss2 = call(C["ImagicFinetuneUNet"], model=model, conditioning=e_opt, latent=latent, steps=20,
                               learning_rate=3e-3, seed=0, method="lora", rank=4, gradient_checkpointing=True)
-    stage2 = held_out(pack, tuned, e_opt, latent)
+    stage2 = objective(pack, tuned, e_opt, latent, count=12)
     assert stage1 < base and stage2 < stage1, (base, stage1, stage2)
     assert set(e_opt[0][1]) == set(cond[0][1]), "e_opt keeps every key of the conditioning (guidance, masks, ...)"
     if spec.guidance is not None:

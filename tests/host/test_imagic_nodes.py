@@ -61,7 +61,7 @@ def objective(pack, model, cond, latent, count=24):
     with den.loaded():
         x0 = HA.latent_for(model, latent).to(den.device)
         pairs = imagic.held_out_pairs(den, x0, count=count, seed=11)
-        return imagic.evaluate_objective(den, x0, {"context": tensor.clone().float()}, pairs)
+        return imagic.evaluate_objective(den, x0, HA.text_embedding(den, tensor, extra), pairs)
 
 
 def sample(comfy, model, positive, negative, latent, seed=3):
