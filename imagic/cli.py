@@ -216,12 +216,12 @@ def run_edit(args) -> List[Path]:
                   file=sys.stderr)
         print(f"loaded {args.load_result}: training skipped", file=sys.stderr)
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ImagicWarning)  # said above, before loading the model
-            result = pipe.train(args.image, args.text, embedding_steps=args.embedding_steps,
-                                finetune_steps=args.finetune_steps, lr_embedding=args.lr_embedding,
-                                lr_finetune=finetune_lr(args), method=args.method, rank=args.rank, seed=args.seed,
-                                size=args.size, noise_samples=args.noise_samples, progress=bars)
+        # The learning-rate warning was printed above, before the model loaded: stage 2 does not repeat it.
+        result = pipe.train(args.image, args.text, embedding_steps=args.embedding_steps,
+                            finetune_steps=args.finetune_steps, lr_embedding=args.lr_embedding,
+                            lr_finetune=finetune_lr(args), method=args.method, rank=args.rank, seed=args.seed,
+                            size=args.size, noise_samples=args.noise_samples, progress=bars,
+                            warn=lambda message: None)
     images = pipe.sample(result, etas, seed=args.seed, steps=args.sample_steps, guidance=args.guidance,
                          progress=bars("sample"))
 

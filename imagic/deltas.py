@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack, contextmanager
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from .errors import ImagicError
+from .offload import parked
 
 METHODS = ("lora", "full")
 
@@ -43,6 +43,8 @@ def full_target_shapes(module: nn.Module) -> Dict[str, torch.Size]:
 
 
 class WeightDelta(nn.Module):
+    """What stage 2 trains. Each kind knows how it is added to a layer (``attach_to``), how it is handed back
+    (``finish``) and saved (``to_state_dict``); ``applied`` only walks the network."""
     method: str = ""
 
     def names(self) -> List[str]:
@@ -58,9 +60,32 @@ class WeightDelta(nn.Module):
         """The full shape of delta(name), known without building it."""
         raise NotImplementedError
 
+    def attach_to(self, layer: nn.Module, name: str, side_branch: bool = True) -> Callable[[], None]:
+        """Make ``layer`` compute with its tensor ``name`` (a full parameter name) plus this delta; returns the undo.
+
+        The default: a parametrization weight -> weight + delta(name), which reads the base weight and
+        never writes it.
+        """
+        return _parametrize(layer, name, _AddDelta(self, name))
+
+    def finish(self) -> "WeightDelta":
+        """After training: the delta in the form it is handed back, saved and applied in (here: as it is)."""
+        return self
+
+    @contextmanager
+    def base_offloaded(self, folder=None, also: Optional[nn.Module] = None):
+        """While training, let the base values the delta does not read wait outside memory (here: none)."""
+        yield
+
 
 def _module_name(param_name: str) -> str:
     return param_name.rsplit(".", 1)[0]
+
+
+def _parametrize(layer: nn.Module, name: str, parametrization: nn.Module) -> Callable[[], None]:
+    tensor_name = name.rsplit(".", 1)[1]
+    parametrize.register_parametrization(layer, tensor_name, parametrization, unsafe=True)
+    return lambda: parametrize.remove_parametrizations(layer, tensor_name, leave_parametrized=False)
 
 
 class LoraDelta(WeightDelta):
@@ -106,6 +131,12 @@ class LoraDelta(WeightDelta):
         down, up, scale = self.factors(name)
         return (up.flatten(1) @ down.flatten(1)).reshape(self.shapes[name]) * scale
 
+    def attach_to(self, layer, name, side_branch=True):
+        """A side branch of the layer (a forward hook) where the layer allows it, else merged into the weight."""
+        if side_branch and name.endswith(".weight") and side_branch_ok(layer):
+            return layer.register_forward_hook(_lora_side_branch(self, name)).remove
+        return super().attach_to(layer, name, side_branch)
+
     def to_state_dict(self, prefix=""):
         sd = {}
         for name, i in self._index.items():
@@ -117,27 +148,27 @@ class LoraDelta(WeightDelta):
 
 
 class FullDelta(WeightDelta):
-    """The full fine-tune, in one of two forms.
+    """The full fine-tune, in one of two forms; ``tensors`` holds one tensor per weight and bias in either.
 
-    * Training form (``FullDelta.trainable(module)``): a trainable fp32 copy W' of every weight and
-      bias, starting at the module's values, and the module's own parameters (their values are
-      never written). ``applied`` makes the layers compute with W' itself, so no weight + difference
-      is formed at any step and nothing beyond W', its gradient and Adam's state is kept: Adam on W'
-      is the paper's full fine-tune. The module's values are only read again by ``finish()``, so
-      ``base_offloaded()`` can keep them out of memory meanwhile.
-    * Difference form (``FullDelta(shapes)``, ``finish()``, or loaded from a file): the difference
-      D = W' - W per tensor, added to the weights when applied. ``finish()`` turns the training form
+    * Training form (``FullDelta.trainable(module)``): ``tensors`` are a trainable fp32 copy W' of
+      every weight and bias, starting at the module's values, kept beside the module's own parameters
+      (whose values are never written). ``attach_to`` makes the layers compute with W' itself, so no
+      weight + difference is formed at any step and nothing beyond W', its gradient and Adam's state
+      is kept: Adam on W' is the paper's full fine-tune. The module's values are only read again by
+      ``finish()``, so ``base_offloaded()`` can keep them out of memory meanwhile.
+    * Difference form (``FullDelta(shapes)``, ``finish()``, or loaded from a file): ``tensors`` are the
+      differences D = W' - W, added to the weights when applied. ``finish()`` turns the training form
       into this one in place, one tensor at a time, and drops the references.
     """
     method = "full"
 
     def __init__(self, shapes: Mapping[str, torch.Size], device=None):
         super().__init__()
-        self.diffs = nn.ParameterList()
+        self.tensors = nn.ParameterList()
         self._index = {}
         self._base: Optional[List[nn.Parameter]] = None  # training form: the module's parameters
         for i, (name, shape) in enumerate(sorted(shapes.items())):
-            self.diffs.append(nn.Parameter(torch.zeros(shape, device=device)))
+            self.tensors.append(nn.Parameter(torch.zeros(shape, device=device)))
             self._index[name] = i
 
     @classmethod
@@ -148,7 +179,7 @@ class FullDelta(WeightDelta):
         delta._base = []
         for i, name in enumerate(names):
             p = params[name]
-            delta.diffs.append(nn.Parameter(p.detach().to(device=device, dtype=torch.float32, copy=True)))
+            delta.tensors.append(nn.Parameter(p.detach().to(device=device, dtype=torch.float32, copy=True)))
             delta._base.append(p)  # the parameter itself, not a view: offloading must be able to free its memory
             delta._index[name] = i
         return delta
@@ -159,95 +190,51 @@ class FullDelta(WeightDelta):
 
     def weight(self, name) -> torch.Tensor:
         """Training form: the trained weight W' itself."""
-        return self.diffs[self._index[name]]
+        if self._base is None:
+            raise RuntimeError("FullDelta.weight() is the trained weight of the training form; this delta holds differences")
+        return self.tensors[self._index[name]]
+
+    def attach_to(self, layer, name, side_branch=True):
+        if self.training_form:  # the layer reads W' instead of its weight
+            return _parametrize(layer, name, _TrainedWeight(self, name))
+        return super().attach_to(layer, name, side_branch)
 
     def finish(self) -> "FullDelta":
         """Training form -> difference form, in place (W' -= W), so no second copy is ever made."""
         if self._base is not None:
             with torch.no_grad():
                 for i, p in enumerate(self._base):
-                    self.diffs[i].sub_(p.detach().to(self.diffs[i]))
+                    self.tensors[i].sub_(p.detach().to(self.tensors[i]))
             self._base = None
         return self
 
-    @contextmanager
     def base_offloaded(self, folder=None, also: Optional[nn.Module] = None):
-        """Training form: the module's values of the trained tensors wait outside the compute memory.
-
-        While training, the layers read W' only, so the module's own copy (one model-sized buffer
-        of the four a full fine-tune holds) is dead weight until ``finish()``. Inside the block it
-        is on the CPU (modules on an accelerator) or in a temporary safetensors file mapped from
-        disk (CPU modules: ``folder``, default the system's temporary folder; pages are read back
-        only when touched); on exit every parameter gets its exact values back in ordinary memory
-        on its device, and the file is deleted, also after an error or a cancel. ``also``: a module
-        whose same-named parameters are views of the same memory (the host's input network, which
-        the training network aliases): they wait and come back with them, or nothing would be freed.
-        """
+        """Training form: the module's values of the trained tensors wait outside the compute memory
+        (``offload.parked``). ``also``: a module whose same-named parameters are the same memory (the
+        host's input network, which the training network aliases): they wait and come back with them."""
         if not self._base:
-            yield
-            return
-        import os
-        import tempfile
-
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-
-        base = self._base
+            return super().base_offloaded(folder, also)
         names = sorted(self._index, key=self._index.get)
-        sharers = [[] for _ in base]
+        sharers = [[] for _ in self._base]
         if also is not None:
             theirs = dict(also.named_parameters())
-            for i, name in enumerate(names):
+            for i, (name, p) in enumerate(zip(names, self._base)):
                 q = theirs.get(name)
-                if q is not None and q is not base[i] and q.shape == base[i].shape and q.data_ptr() == base[i].data_ptr():
+                if q is not None and q is not p and q.shape == p.shape and q.data_ptr() == p.data_ptr():
                     sharers[i].append(q)
-        # Where each tensor lives now; the references are dropped before training so the memory is freed.
-        homes = [(p.device, p.dtype, p.shape, p.stride(), [q.is_inference() for q in [p] + sharers[i]])
-                 for i, p in enumerate(base)]
-        on_cpu = [device.type == "cpu" for device, *_ in homes]
-        path, moved = None, 0
-        try:
-            with torch.no_grad():
-                if any(on_cpu):
-                    fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="imagic_base_", dir=folder)
-                    os.close(fd)
-                    try:
-                        save_file({str(i): p.detach().contiguous() for i, p in enumerate(base) if on_cpu[i]}, path)
-                    except OSError as e:
-                        size = sum(p.numel() * p.element_size() for p, c in zip(base, on_cpu) if c) / 1e9
-                        raise ImagicError(f"could not write the base weights ({size:.1f} GB) to {path} while the full "
-                                          f"fine-tune runs ({e.strerror or e}): free disk space there or point "
-                                          "TMPDIR at a folder with room") from None
-                    mapped = safe_open(path, framework="pt")
-                for i, p in enumerate(base):
-                    parked = mapped.get_tensor(str(i)) if on_cpu[i] else p.data.to("cpu", copy=True)
-                    for q in [p] + sharers[i]:
-                        q.data = parked
-                    moved = i + 1
-            yield
-        finally:
-            with torch.no_grad():
-                for i, (p, (device, dtype, shape, stride, inference)) in enumerate(zip(base[:moved], homes)):
-                    # One tensor again for the parameter and its sharers, an inference tensor where it was one.
-                    with torch.inference_mode(any(inference)):
-                        home = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-                        home.copy_(p.data)
-                    for q in [p] + sharers[i]:
-                        q.data = home
-            if path is not None:
-                os.remove(path)
+        return parked(self._base, sharers, folder)
 
     def names(self):
         return list(self._index)
 
     def delta(self, name):
-        d = self.diffs[self._index[name]]
+        d = self.tensors[self._index[name]]
         if self._base is not None:
             return d - self._base[self._index[name]].to(d)
         return d
 
     def shape(self, name):
-        return self.diffs[self._index[name]].shape
+        return self.tensors[self._index[name]].shape
 
     def to_state_dict(self, prefix=""):
         sd = {}
@@ -296,7 +283,7 @@ def delta_from_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = "") -> W
     delta = FullDelta(shapes)
     with torch.no_grad():
         for name, i in delta._index.items():
-            delta.diffs[i].data = values[name].float().clone()
+            delta.tensors[i].data = values[name].float().clone()
     return delta
 
 
@@ -368,37 +355,22 @@ def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool =
             offload_also: Optional[nn.Module] = None):
     """Inside the block, ``module`` computes with weight + delta; afterwards it is exactly as before.
 
-    LoRA runs as a side branch of each layer (a forward hook) where the layer allows it; a LoRA
-    with ``side_branch=False``, or a full delta in difference form, is a parametrization
-    weight + delta(name); a full delta in training form replaces the weight by its trained copy,
-    and with ``offload_base`` the module's own values (and ``offload_also``'s, where they are
-    the same memory) wait outside memory meanwhile (``FullDelta.base_offloaded``). The module's
-    values are never changed either way, so the base stays bit for bit unchanged.
+    Each kind of delta attaches itself to each layer it targets (``WeightDelta.attach_to``): LoRA as a
+    side branch where the layer allows it (``side_branch=False``: merged into the weight), a full delta
+    as its trained copy (training form) or weight + difference. With ``offload_base`` the module's own
+    values that the delta does not read (and ``offload_also``'s, where they are the same memory) wait
+    outside memory meanwhile (``WeightDelta.base_offloaded``). The module's values are never changed,
+    so the base stays bit for bit unchanged.
     """
     if delta is None:
         yield
         return
-    touched, hooks = [], []
-    offloaded = ExitStack()
-    try:
+    with ExitStack() as undo:
         for name in delta.names():
-            module_name, tensor_name = name.rsplit(".", 1)
-            layer = module.get_submodule(module_name)
-            if side_branch and delta.method == "lora" and tensor_name == "weight" and side_branch_ok(layer):
-                hooks.append(layer.register_forward_hook(_lora_side_branch(delta, name)))
-                continue
-            use = (_TrainedWeight if isinstance(delta, FullDelta) and delta.training_form else _AddDelta)(delta, name)
-            parametrize.register_parametrization(layer, tensor_name, use, unsafe=True)
-            touched.append((layer, tensor_name))
-        if offload_base and isinstance(delta, FullDelta) and delta.training_form:
-            offloaded.enter_context(delta.base_offloaded(also=offload_also))
+            undo.callback(delta.attach_to(module.get_submodule(_module_name(name)), name, side_branch))
+        if offload_base:
+            undo.enter_context(delta.base_offloaded(also=offload_also))
         yield
-    finally:
-        offloaded.close()
-        for h in hooks:
-            h.remove()
-        for layer, tensor_name in reversed(touched):
-            parametrize.remove_parametrizations(layer, tensor_name, leave_parametrized=False)
 
 
 def check_fits(delta: WeightDelta, module: nn.Module) -> Optional[str]:

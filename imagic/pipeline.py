@@ -283,8 +283,10 @@ class ImagicPipeline:
               finetune_steps: int = DEFAULTS["finetune_steps"], lr_embedding: float = DEFAULTS["lr_embedding"],
               lr_finetune: Optional[float] = None, method: str = DEFAULTS["method"], rank: int = DEFAULTS["rank"],
               seed: int = DEFAULTS["seed"], size: Optional[int] = None, noise_samples: int = DEFAULTS["noise_samples"],
-              progress: Optional[Callable[[str], ProgressFn]] = None, cancel: Optional[CancelFn] = None) -> ImagicResult:
-        """Stages 1 and 2 on one image; ``progress(stage_name)`` may return a per-step callback."""
+              progress: Optional[Callable[[str], ProgressFn]] = None, cancel: Optional[CancelFn] = None,
+              warn: Optional[Callable[[str], None]] = None) -> ImagicResult:
+        """Stages 1 and 2 on one image; ``progress(stage_name)`` may return a per-step callback; ``warn``: see
+        ``imagic.finetune``."""
         if not isinstance(target_text, str) or not target_text.strip():
             raise ImagicError("the target text is empty: describe the edited image, e.g. 'a photo of a sitting dog'")
         if lr_finetune is None:
@@ -299,7 +301,7 @@ class ImagicPipeline:
                                                  noise_samples=noise_samples, progress=cb("embedding"), cancel=cancel)
             delta, loss_ft = finetune(den, x0, e_opt, steps=finetune_steps, lr=lr_finetune, method=method,
                                       rank=rank, seed=seed, noise_samples=noise_samples, progress=cb("finetune"),
-                                      cancel=cancel)
+                                      cancel=cancel, warn=warn)
         settings = dict(target_text=target_text, width=img.size[0], height=img.size[1],
                         embedding_steps=embedding_steps, lr_embedding=lr_embedding, finetune_steps=finetune_steps,
                         lr_finetune=lr_finetune, method=method, rank=rank, seed=seed, noise_samples=noise_samples,

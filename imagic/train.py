@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .defaults import finetune_lr_warning
-from .deltas import FullDelta, WeightDelta, make_delta
+from .deltas import WeightDelta, make_delta
 from .errors import ImagicCancelled, ImagicError, ImagicWarning  # noqa: F401  (re-exported)
 from .objective import Conditioning, Denoiser, denoising_loss, draw_noise
 
@@ -124,7 +123,9 @@ def _fast_adam_kwargs(params: List[torch.Tensor]) -> dict:
     return {"foreach": False}
 
 
-def _loss_closure(denoiser: Denoiser, x0: torch.Tensor, cond_fn, noise_samples: int, seed: int):
+def loss_closure(denoiser: Denoiser, x0: torch.Tensor, cond_fn, noise_samples: int = 1, seed: int = 0):
+    """The training loss of one step, as a function: fresh noise and noise levels from ``seed``'s stream
+    at every call, and the denoising objective of the conditioning ``cond_fn()`` returns."""
     g = torch.Generator().manual_seed(int(seed))
 
     def loss_fn():
@@ -163,7 +164,7 @@ def optimize_embedding(denoiser: Denoiser, x0: torch.Tensor, e_tgt: Conditioning
     e_opt = {k: nn.Parameter(v.detach().clone().float()) for k, v in e_tgt.items()}
     losses: List[float] = []
     if steps:
-        loss_fn = _loss_closure(denoiser, x0, lambda: e_opt, noise_samples, seed)
+        loss_fn = loss_closure(denoiser, x0, lambda: e_opt, noise_samples, seed)
         losses = run_training(e_opt.values(), loss_fn, steps, lr, "embedding optimization",
                               _watched(progress, watch, e_opt), cancel, adam)
     return {k: v.detach().to(e_tgt[k].dtype) for k, v in e_opt.items()}, losses
@@ -172,13 +173,15 @@ def optimize_embedding(denoiser: Denoiser, x0: torch.Tensor, e_tgt: Conditioning
 def finetune(denoiser: Denoiser, x0: torch.Tensor, e_opt: Conditioning, *, steps: int, lr: float,
              method: str = "lora", rank: int = 4, seed: int = 0, noise_samples: int = 1,
              progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None, adam: str = "fast",
-             watch=None) -> Tuple[Optional[WeightDelta], List[float]]:
+             watch=None, warn: Optional[Callable[[str], None]] = None) -> Tuple[Optional[WeightDelta], List[float]]:
     """Stage 2: a weight delta with which the model reconstructs x0 from the frozen e_opt.
 
     The denoiser must provide ``trainable_module()`` (the network whose weights may change; used
     for names and shapes only) and ``attach(delta)`` (a context in which it computes with
     weight + delta). Returns the trained delta (None when steps is 0) and the loss per step.
     ``watch(step, delta)``, if given, is called after every step while the delta is attached.
+    ``warn(message)`` reports a learning rate of the other method's size before training starts
+    (``defaults.finetune_lr_warning``; default: an ImagicWarning).
     """
     steps = check_steps("fine-tune steps", steps)
     check_latent(x0)
@@ -187,18 +190,20 @@ def finetune(denoiser: Denoiser, x0: torch.Tensor, e_opt: Conditioning, *, steps
         return None, []
     warning = finetune_lr_warning(method, lr)
     if warning:
-        warnings.warn(warning, ImagicWarning, stacklevel=2)
+        if warn is None:
+            warnings.warn(warning, ImagicWarning, stacklevel=2)
+        else:
+            warn(warning)
     module = denoiser.trainable_module()
     delta = make_delta(method, module, rank, seed, device=x0.device)
     frozen = {k: v.detach() for k, v in e_opt.items()}
-    loss_fn = _loss_closure(denoiser, x0, lambda: frozen, noise_samples, seed)
+    loss_fn = loss_closure(denoiser, x0, lambda: frozen, noise_samples, seed)
     with denoiser.attach(delta):
         # A full fine-tune's gradients are model-sized: step each tensor as its gradient completes.
         losses = run_training(delta.parameters(), loss_fn, steps, lr, f"fine-tuning ({method})",
                               _watched(progress, watch, delta), cancel, adam, step_in_backward=method == "full")
-    if isinstance(delta, FullDelta):
-        delta.finish()  # the trained copies become the differences in place: no second copy
-    return delta.requires_grad_(False), losses
+    # A full delta's trained copies become the differences in place: no second copy.
+    return delta.finish().requires_grad_(False), losses
 
 
 def interpolate(e_tgt: Union[Conditioning, torch.Tensor], e_opt: Union[Conditioning, torch.Tensor], eta: float):

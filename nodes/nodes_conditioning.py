@@ -3,23 +3,21 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .schema import schema
-
 from ..imagic import ImagicError, interpolate
 from ..imagic.defaults import DEFAULTS
-from .host_adapter import single_conditioning
+from .host import embedding_of, entry_of, single_conditioning
+from .schema import schema
 
 DEFAULT_ETAS = "0.5, 0.6, 0.7, 0.8, 0.9, 1.0"
 
 
 def interpolate_conditioning(target, optimized, eta):
     """eta * e_tgt + (1 - eta) * e_opt, keeping the target's dict (ControlNet, areas, size keys)."""
-    e_tgt, tgt_extra = single_conditioning(target, "target")
-    e_opt, opt_extra = single_conditioning(optimized, "optimized")
-    out_extra = dict(tgt_extra)
-    if tgt_extra.get("pooled_output") is not None and opt_extra.get("pooled_output") is not None:
-        out_extra["pooled_output"] = interpolate(tgt_extra["pooled_output"], opt_extra["pooled_output"], eta)
-    return [[interpolate(e_tgt, e_opt, eta), out_extra]]
+    tgt, tgt_extra = single_conditioning(target, "target")
+    e_tgt, e_opt = embedding_of(tgt, tgt_extra), embedding_of(*single_conditioning(optimized, "optimized"))
+    both = e_tgt.keys() & e_opt.keys()  # a pooled vector on one side only: the target's is kept as it is
+    e = interpolate({k: e_tgt[k] for k in both}, {k: e_opt[k] for k in both}, eta)
+    return [list(entry_of(e, tgt_extra))]
 
 
 def parse_etas(text: str):

@@ -5,13 +5,11 @@ import os
 import re
 
 import folder_paths
-import torch
 from comfy_api.latest import io
 
-from .schema import schema
-
 from ..imagic import ImagicError, ImagicResult, load_result, save_result
-from .host_adapter import check_family, single_conditioning
+from .host import check_family, conditioning_of, embedding_of, single_conditioning
+from .schema import schema
 
 FOLDER = "imagic"
 _SCALARS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
@@ -22,13 +20,6 @@ def register_folder():
         folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
     paths, exts = folder_paths.folder_names_and_paths[FOLDER]
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | {".safetensors"})
-
-
-def _as_dict(tensor, extra):
-    d = {"context": tensor}
-    if extra.get("pooled_output") is not None:
-        d["pooled"] = extra["pooled_output"]
-    return d
 
 
 class ImagicSaveEmbedding(io.ComfyNode):
@@ -65,7 +56,7 @@ class ImagicSaveEmbedding(io.ComfyNode):
             path, i = os.path.join(folder, f"{prefix}_{i:05d}.safetensors"), i + 1
         settings = {k: tgt_extra[k] for k in _SCALARS if isinstance(tgt_extra.get(k), (int, float))}
         settings["source"] = "comfyui"
-        save_result(ImagicResult(e_tgt=_as_dict(e_tgt, tgt_extra), e_opt=_as_dict(e_opt, opt_extra),
+        save_result(ImagicResult(e_tgt=embedding_of(e_tgt, tgt_extra), e_opt=embedding_of(e_opt, opt_extra),
                                  settings=settings), path)
         return io.NodeOutput(ui={"text": [os.path.basename(path)]})
 
@@ -103,8 +94,5 @@ class ImagicLoadEmbedding(io.ComfyNode):
                 raise ImagicError(f"{embedding} does not hold a text embedding [1, tokens, width]")
             if model is not None:
                 check_family(model, cond["context"], f"the embedding in {embedding}")
-            d = dict(extra)
-            if "pooled" in cond:
-                d["pooled_output"] = cond["pooled"]
-            out.append([[cond["context"], d]])
+            out.append(conditioning_of(cond, extra))
         return io.NodeOutput(*out)

@@ -1,18 +1,11 @@
 """Imagic stages 1 and 2 as nodes: Optimize Embedding and Fine-tune UNet."""
 from __future__ import annotations
 
-import logging
-import warnings
-
-import torch
 from comfy_api.latest import io
 
+from ..imagic.defaults import DEFAULTS
+from .host import finetune_stage, optimize_embedding_stage
 from .schema import schema
-
-from ..imagic import ImagicWarning, finetune, optimize_embedding
-from ..imagic.defaults import DEFAULTS, finetune_lr_warning
-from .host_adapter import (NodeProgress, latent_for, lora_patched_model, prepare_training, run_cancellable,
-                           text_embedding)
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
@@ -61,17 +54,9 @@ class ImagicOptimizeEmbedding(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, conditioning, latent, steps, learning_rate, seed) -> io.NodeOutput:
-        tensor, extra, den = prepare_training(model, conditioning, latent, "the conditioning")
-        progress = NodeProgress(max(steps, 1), _node_id(cls), "embedding")
-        with den.loaded():
-            x0 = latent_for(model, latent).to(den.device)
-            e_tgt = text_embedding(den, tensor, extra)
-            e_opt, losses = run_cancellable(lambda: optimize_embedding(
-                den, x0, e_tgt, steps=steps, lr=learning_rate, seed=seed, progress=progress, cancel=progress.cancel))
-        out_extra = dict(extra)
-        if "pooled" in e_opt:
-            out_extra["pooled_output"] = e_opt["pooled"].cpu().to(extra["pooled_output"].dtype)
-        return io.NodeOutput([[e_opt["context"].cpu().to(tensor.dtype), out_extra]], {"loss": losses})
+        e_opt, losses = optimize_embedding_stage(model, conditioning, latent, steps=steps, lr=learning_rate,
+                                                 seed=seed, node_id=_node_id(cls))
+        return io.NodeOutput(e_opt, {"loss": losses})
 
 
 class ImagicFinetuneUNet(io.ComfyNode):
@@ -107,22 +92,9 @@ class ImagicFinetuneUNet(io.ComfyNode):
     @classmethod
     def execute(cls, model, conditioning, latent, steps, learning_rate, seed, method, rank,
                 gradient_checkpointing) -> io.NodeOutput:
-        tensor, extra, den = prepare_training(model, conditioning, latent, "the optimized conditioning")
-        if steps == 0:
-            return io.NodeOutput(model.clone(), {}, {"loss": []})
-        # The widget's default is LoRA's rate; switching the method to full keeps it unless the user changes it.
-        warning = finetune_lr_warning(method, learning_rate)
-        if warning:
-            logging.warning("Imagic Fine-tune UNet: %s", warning)
-        progress = NodeProgress(steps, _node_id(cls), f"fine-tune ({method})", note=warning)
-        with den.loaded(gradient_checkpointing), warnings.catch_warnings():
-            warnings.simplefilter("ignore", ImagicWarning)  # shown above and on the node, not twice
-            x0 = latent_for(model, latent).to(den.device)
-            e_opt = text_embedding(den, tensor, extra)
-            delta, losses = run_cancellable(lambda: finetune(
-                den, x0, e_opt, steps=steps, lr=learning_rate, method=method, rank=rank, seed=seed,
-                progress=progress, cancel=progress.cancel))
-        with torch.inference_mode(False):
-            delta = delta.cpu()
-        patched, lora_sd = lora_patched_model(model, delta)
+        # The widget's default is LoRA's rate; switching the method to full keeps it unless the user
+        # changes it: the stage warns then, in the log and on the node.
+        patched, lora_sd, losses = finetune_stage(
+            model, conditioning, latent, steps=steps, lr=learning_rate, seed=seed, method=method, rank=rank,
+            gradient_checkpointing=gradient_checkpointing, node_id=_node_id(cls))
         return io.NodeOutput(patched, lora_sd, {"loss": losses})

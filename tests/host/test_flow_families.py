@@ -84,7 +84,7 @@ def sample(model, positive, negative, latent, seed=3, steps=2, cfg=1.0):
 def test_the_family_is_detected_and_trained_as_a_flow_model(pack, fam):  # noqa: F811
     spec, model, cond, latent = fam
     assert type(model.model.model_config).__name__ == spec.model_class
-    den = pack["host_adapter"].ComfyDenoiser(model, cond[0][1], 64, 64)
+    den = pack["host"].ComfyDenoiser(model, cond[0][1], 64, 64)
     assert den.prediction_type == "flow"
 
 
@@ -100,7 +100,7 @@ def test_the_nodes_objective_is_the_hand_computed_velocity_loss(pack, fam):  # n
 def test_noise_levels_are_drawn_with_the_models_shift(pack, fam):  # noqa: F811
     """Uniform over the model's own (shifted) schedule, the one its sampler uses: not plain uniform t."""
     spec, model, cond, latent = fam
-    den = pack["host_adapter"].ComfyDenoiser(model, cond[0][1], 64, 64)
+    den = pack["host"].ComfyDenoiser(model, cond[0][1], 64, 64)
     table = model.get_model_object("model_sampling").sigmas.float()
     s = den.sample_timesteps(20000, torch.Generator().manual_seed(0)).cpu()
     assert torch.isin(s, table).all()

@@ -1,6 +1,7 @@
 """The Imagic nodes inside a real ComfyUI host (skipped without one; see conftest.py)."""
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
 import sys
@@ -23,7 +24,8 @@ def pack(comfy):
     assert not missing, f"pack did not register {missing} (import failed? registered: {ids})"
     mod = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["ImagicOptimizeEmbedding"].__module__]
     pkg = mod.__name__.rsplit(".", 2)[0]  # <pack>.nodes.nodes_train -> <pack>
-    return dict(host_adapter=sys.modules[pkg + ".nodes.host_adapter"], imagic=sys.modules[pkg + ".imagic"],
+    return dict(host=sys.modules[pkg + ".nodes.host"], imagic=sys.modules[pkg + ".imagic"],
+                deltas=importlib.import_module(pkg + ".imagic.deltas"),
                 classes={i: comfy.nodes.NODE_CLASS_MAPPINGS[i] for i in NODE_IDS})
 
 
@@ -54,7 +56,7 @@ def call(node_cls, **kw):
 
 def objective(pack, model, cond, latent, count=24):
     """The core objective on fixed held-out (noise, sigma) pairs, measured through the host."""
-    HA, imagic = pack["host_adapter"], pack["imagic"]
+    HA, imagic = pack["host"], pack["imagic"]
     tensor, extra = cond[0]
     h, w = latent["samples"].shape[-2:]
     den = HA.ComfyDenoiser(model, extra, w * 8, h * 8)
@@ -274,7 +276,7 @@ def _family_case(comfy, ckpt, size):
 
 def test_sd2_v_prediction_trains_on_the_v_objective(comfy, pack, sd2v_ckpt):
     model, target, latent = _family_case(comfy, sd2v_ckpt, 64)
-    C, HA = pack["classes"], pack["host_adapter"]
+    C, HA = pack["classes"], pack["host"]
     assert HA.ComfyDenoiser(model, {}, 64, 64).prediction_type == "v_prediction"
     base = objective(pack, model, target, latent, count=12)
     e_opt, _ = call(C["ImagicOptimizeEmbedding"], model=model, conditioning=target, latent=latent, steps=25,
@@ -322,7 +324,7 @@ def test_training_runs_on_a_private_non_dynamic_model_and_leaves_the_input_model
     the input's memory (no copy). host-reload: the path a DynamicVRAM MODEL takes, forced here."""
     import inspect
 
-    HA, mm = pack["host_adapter"], comfy.host.model_management
+    HA, mm = pack["host"], comfy.host.model_management
     model = loaded["model"]
     can_reload = "force_deepcopy" in inspect.signature(model.clone).parameters and model.cached_patcher_init is not None
     if reload and not can_reload:
@@ -414,10 +416,10 @@ def test_model_kinds_imagic_cannot_train_are_refused_by_name(comfy, pack, loaded
                  latent=loaded["latent"], steps=1, learning_rate=1e-3, seed=0, method="lora", rank=4,
                  gradient_checkpointing=False)
     flow = with_sampling(kinds.CONST)
-    den = pack["host_adapter"].ComfyDenoiser(flow, {}, 64, 64)
+    den = pack["host"].ComfyDenoiser(flow, {}, 64, 64)
     assert den.prediction_type == "flow" and den.noise_scale == 1.0
     if hasattr(kinds.ModelSamplingDiscreteFlow, "set_noise_scale"):
-        scaled = pack["host_adapter"].ComfyDenoiser(with_sampling(kinds.CONST, noise_scale=8.0), {}, 64, 64)
+        scaled = pack["host"].ComfyDenoiser(with_sampling(kinds.CONST, noise_scale=8.0), {}, 64, 64)
         assert scaled.noise_scale == 8.0
 
 
@@ -426,7 +428,7 @@ def test_lora_side_branch_on_the_host_is_the_merged_weight_with_the_same_gradien
     computes, with the same LoRA gradients, and the input MODEL's weights stay as they were."""
     from importlib import import_module
 
-    HA = pack["host_adapter"]
+    HA = pack["host"]
     deltas = import_module(pack["imagic"].__name__ + ".deltas")
     model = loaded["model"]
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
@@ -466,7 +468,7 @@ def objective_by_hand(pack, model, cond, latent, sigmas, seed=5):
     parameterization, and the prediction as the network's raw output (caught with a forward hook),
     so a wrong x_t, a wrong target or a prediction recovered in the wrong form all show.
     """
-    HA, imagic = pack["host_adapter"], pack["imagic"]
+    HA, imagic = pack["host"], pack["imagic"]
     tensor, extra = cond[0]
     h, w = latent["samples"].shape[-2:]
     den = HA.ComfyDenoiser(model, extra, w * 8, h * 8)
@@ -534,12 +536,12 @@ def test_full_finetune_offloads_the_input_models_weights_while_training_and_puts
     for k, p in net.named_parameters():
         value, _, inference, device = before[k]
         assert torch.equal(p, value) and p.is_inference() == inference and p.device == device, k
-    HA = pack["host_adapter"]
+    HA = pack["host"]
     # The same training without offloading (the core's applied() with offload_base off) gives the same difference.
     den_cls = HA.ComfyDenoiser
     plain_attach = den_cls.attach
     try:
-        den_cls.attach = lambda self, delta: HA.applied(delta, self.base.diffusion_model)
+        den_cls.attach = lambda self, delta: pack["deltas"].applied(delta, self.base.diffusion_model)
         _, diff_plain, _ = call(C["ImagicFinetuneUNet"], model=model, conditioning=loaded["target"],
                                 latent=loaded["latent"], steps=2, learning_rate=1e-6, seed=0, method="full", rank=4,
                                 gradient_checkpointing=False)

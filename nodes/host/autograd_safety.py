@@ -1,0 +1,111 @@
+"""Gradients through the host's inference code: in-place residual updates, and gradient checkpointing.
+
+The DiTs update their residual stream in place (Flux's blocks: ``x += apply_mod(...)`` after a norm
+that saved ``x`` for the backward pass), which autograd refuses, with or without checkpointing.
+``OutOfPlaceAugmented`` runs such augmented assignments out of place while gradients are recorded;
+it is switched on only for models where ``writes_saved_tensors`` finds such a write (a probe at the
+first training call), because it costs every op a Python call (1.12x per step for SD1.5's stage 1
+on a CPU). ``checkpointed`` wraps the network's highest modules in the host trainer's gradient
+checkpointing, each block under the same mode, since autograd runs their forward again during the
+backward pass, outside the model call. Internals touched: CPython bytecode of the calling frame
+(``dis``, ``f_lasti``; see ``is_augmented_assignment``) and, through ``internals``, the host
+trainer's checkpointing helpers.
+"""
+from __future__ import annotations
+
+import contextlib
+import dis
+import functools
+import sys
+
+import torch
+
+from . import internals
+
+_NB_OPS = getattr(dis, "_nb_ops", None)  # BINARY_OP's operator names (Python 3.11+)
+
+
+def is_augmented_assignment(frame) -> bool:
+    """Whether ``frame`` is executing ``a += b`` (or -=, *=, /=), as opposed to a call such as ``a.add_(b)``.
+
+    Python 3.11-3.13 compile an augmented assignment to BINARY_OP with an NB_INPLACE_* argument (3.10:
+    INPLACE_* opcodes); ``f_lasti`` is the offset of the instruction being executed. A method call is
+    a CALL instruction, so explicit ``t.add_(u)`` is never matched.
+    """
+    code, i = frame.f_code.co_code, frame.f_lasti
+    if i < 0 or i + 1 >= len(code):
+        return False
+    name, arg = dis.opname[code[i]], code[i + 1]
+    if name == "BINARY_OP":
+        return _NB_OPS is not None and arg < len(_NB_OPS) and _NB_OPS[arg][0].startswith("NB_INPLACE")
+    return name.startswith("INPLACE_")
+
+
+class OutOfPlaceAugmented(torch.overrides.TorchFunctionMode):
+    """Runs ``x += y`` (and -=, *=, /=) as ``x = x + y`` while gradients are recorded.
+
+    Python rebinds the name of an augmented assignment to whatever the operator returns, so returning
+    a new tensor is the same computation without the write. Explicit calls such as ``t.add_(u)``,
+    whose result the caller may ignore, are left as they are; so is everything under no_grad.
+    """
+
+    OPS = {torch.Tensor.add_: torch.add, torch.Tensor.sub_: torch.sub, torch.Tensor.mul_: torch.mul,
+           torch.Tensor.div_: torch.div}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out_of_place = self.OPS.get(func)
+        if out_of_place is not None and torch.is_grad_enabled() and is_augmented_assignment(sys._getframe(1)):
+            return out_of_place(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def autograd_safe(forward, when=lambda: True):
+    """``forward`` run under ``OutOfPlaceAugmented`` while ``when()`` holds."""
+    @functools.wraps(forward)
+    def safe(*args, **kwargs):
+        if not when():
+            return forward(*args, **kwargs)
+        with OutOfPlaceAugmented():
+            return forward(*args, **kwargs)
+
+    return safe
+
+
+def writes_saved_tensors(forward, x: torch.Tensor, *args, **kwargs) -> bool:
+    """Does ``forward(x, ...)`` write, in place, a tensor autograd saved for the backward pass?
+
+    Runs the forward with ``x`` requiring a gradient (so every activation does) and the backward pass
+    for ``x`` only, so nothing accumulates into any parameter.
+    """
+    x = x.detach().clone().requires_grad_(True)
+    try:
+        out = forward(x, *args, **kwargs)
+        torch.autograd.grad(out.float().sum(), [x], allow_unused=True)
+    except RuntimeError as e:
+        if "modified by an inplace operation" in str(e):
+            return True
+        raise
+    return False
+
+
+@contextlib.contextmanager
+def checkpointed(network: torch.nn.Module, when=lambda: True):
+    """Gradient checkpointing on the network's highest modules with a forward (the host trainer's choice),
+    each block's forward autograd-safe while ``when()`` holds; every module is as before afterwards."""
+    find, patch, unpatch = internals.checkpointing_helpers()
+    done = []
+    try:
+        for m in find(network):
+            own = m.__dict__.get("forward")  # an instance forward, or None for the class's
+            m.forward = autograd_safe(m.forward, when)
+            patch(m)
+            done.append((m, own))
+        yield
+    finally:
+        for m, own in reversed(done):
+            unpatch(m)
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
