@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,14 +27,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-from edit_quality import edit_cases  # noqa: E402
-
-from imagic import finetune, optimize_embedding  # noqa: E402
-from imagic.defaults import DEFAULTS  # noqa: E402
-from imagic.objective import evaluate_objective, held_out_pairs  # noqa: E402
-from imagic.pipeline import ImagicPipeline  # noqa: E402
-from imagic.toy import MODEL_DIR  # noqa: E402
+import common
+from common import edit_cases
+from imagic import finetune, optimize_embedding
+from imagic.defaults import DEFAULTS
+from imagic.objective import evaluate_objective, held_out_pairs
+from imagic.pipeline import ImagicPipeline
+from imagic.toy import MODEL_DIR
 
 STAGE1_LRS = (5e-4, 2e-3, 1e-2)
 LORA_LRS = (1e-4, 1e-3, 3e-3)
@@ -85,6 +83,7 @@ def main(argv=None):
     p.add_argument("--model", default=str(MODEL_DIR))
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
+    common.require("matplotlib")  # the plot is written at the end: fail now, not after the run
     steps = STEPS
     if args.quick:
         args.images, steps = 2, (0, 25, 50)
@@ -96,7 +95,7 @@ def main(argv=None):
     for i, case in enumerate(cases):
         den, x0, e_tgt, pairs = prepare(pipe, case)
 
-        def objective(cond):
+        def objective(cond, den=den, x0=x0, pairs=pairs):
             return evaluate_objective(den, x0, cond, pairs)
 
         e_opt = None

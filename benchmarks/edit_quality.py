@@ -29,6 +29,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import common
+from common import EDIT_KINDS, edit_cases
+
 import numpy as np
 import torch
 from PIL import Image
@@ -39,25 +42,10 @@ from imagic.toy import MODEL_DIR, data
 from imagic.toy.classifier import load_classifier, predict_attributes
 from imagic.toy.sample import GATE
 
-EDIT_KINDS = ("colour", "shape", "size", "position")
 METHODS = ("imagic_lora", "imagic_full", "no_finetune", "no_embedding", "sdedit")
 LABELS = {"imagic_lora": "Imagic (LoRA)", "imagic_full": "Imagic (full fine-tune)",
           "no_finetune": "no fine-tuning", "no_embedding": "no embedding optimization",
           "sdedit": "SDEdit (strength = eta)"}
-
-
-def edit_cases(n: int, offset: int = 0):
-    """n fixed cases on test-split images, cycling through the four attribute kinds."""
-    cases = []
-    for i, seed in enumerate(data.split_seeds("test", n, offset)):
-        ex = data.make_example(seed)
-        kind = EDIT_KINDS[i % len(EDIT_KINDS)]
-        choices = [v for v in data.ATTRIBUTES[kind] if v != ex.attrs[kind]]
-        new = choices[np.random.default_rng(seed).integers(len(choices))]
-        target = {**ex.attrs, kind: new}
-        cases.append(dict(seed=seed, kind=kind, source=ex.attrs, target=target, image=ex.image,
-                          ideal=data.render(target, ex.details), text=data.caption(target)))
-    return cases
 
 
 def score(images, case, classifier):
@@ -220,6 +208,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--stem", default=None, help="output file names (default edit_quality, or edit_quality_quick)")
     args = p.parse_args(argv)
+    common.require("matplotlib")  # the plot is written at the end: fail now, not after the run
     if args.quick:
         args.cases = 8
     args.etas = [float(e) for e in args.etas.split(",")]

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import List, NoReturn, Optional, Sequence
 
 from .defaults import DEFAULTS, eta_sweep_text, finetune_lr_warning, format_rate, lr_finetune_default
-from .errors import ImagicCancelled, ImagicError, ImagicWarning
+from .errors import ImagicCancelled, ImagicError
 
 SEED_MAX = 2 ** 64 - 1  # torch.Generator.manual_seed's range (and the ComfyUI nodes')
 

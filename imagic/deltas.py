@@ -238,7 +238,7 @@ class FullDelta(WeightDelta):
 
     def to_state_dict(self, prefix=""):
         sd = {}
-        for name, i in self._index.items():
+        for name in self._index:
             suffix = "diff_b" if name.endswith(".bias") else "diff"
             sd[f"{prefix}{_module_name(name)}.{suffix}"] = self.delta(name).detach().clone()
         return sd

@@ -2,14 +2,14 @@
 
 Imagic never invents a new loss. Stage 1 (embedding) and stage 2 (fine-tune) both minimize the
 denoising loss the model was trained with, on the single input latent. Which loss that is depends
-on how the model was trained (its *prediction type*), so the host adapters only have to say three
-things about their model, and this module does the rest:
+on how the model was trained (its *prediction type*), so the host adapters only have to say these
+things about their model (``Denoiser``), and this module does the rest:
 
 * ``sample_timesteps(n, generator)``: n noise levels drawn uniformly over the model's training range,
   in the model's own units (diffusers: integer timesteps, ComfyUI: sigmas, flow models: t in [0, 1]);
 * ``alpha_sigma(t)``: the signal and noise scales at those levels, ``x_t = alpha * x0 + sigma * noise``;
 * ``predict(x_t, t, cond)``: the model's raw output in its own parameterization;
-* optionally ``noise_scale``: the factor the model's training noise was scaled by (default 1).
+* ``noise_scale``: the factor the model's training noise was scaled by (1 for all but a few flow models).
 
 Rectified-flow models fit the same form (alpha = 1 - t, sigma = t, target = noise - x0), so adding
 one is a new adapter, not a new loss.
@@ -30,6 +30,7 @@ class Denoiser(Protocol):
     """What a host (diffusers, ComfyUI) provides to the Imagic core."""
 
     prediction_type: str
+    noise_scale: float  # x_t = alpha * x0 + sigma * (noise_scale * noise); 1 except e.g. HiDream-O1 (8)
 
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor: ...
 
@@ -69,7 +70,7 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, cond: Conditioning,
     n = noise.shape[0]
     # Some flow models were trained on scaled noise, x_t = (1 - t) x0 + t * (s * noise) (ComfyUI's
     # noise_scale, e.g. 8 for HiDream-O1): their velocity target is s * noise - x0.
-    noise = noise * float(getattr(denoiser, "noise_scale", 1.0))
+    noise = noise * float(denoiser.noise_scale)
     alpha, sigma = denoiser.alpha_sigma(t)
     shape = (n,) + (1,) * (noise.ndim - 1)
     alpha = alpha.reshape(shape).to(noise)

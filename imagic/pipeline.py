@@ -11,17 +11,16 @@ model) are supported.
 """
 from __future__ import annotations
 
-import math
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.nn.utils import parametrize
 
-from .defaults import DEFAULTS, PAPER_PRESET, lr_finetune_default  # noqa: F401  (PAPER_PRESET: imported from here)
+from .defaults import DEFAULTS, lr_finetune_default
 from .deltas import WeightDelta, applied, check_fits
 from .model_folder import check_model_folder, is_local_model
 from .objective import Conditioning
@@ -44,6 +43,7 @@ class DiffusersDenoiser:
                  autocast_dtype: Optional[torch.dtype] = None, gradient_checkpointing: bool = False,
                  lora_side_branch: bool = True, offload_base: bool = True):
         self.unet = unet.requires_grad_(False)
+        self.noise_scale = 1.0  # diffusers' schedulers train on unscaled noise
         self.offload_base = offload_base
         self.gradient_checkpointing = gradient_checkpointing
         self.lora_side_branch = lora_side_branch

@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .deltas import WeightDelta, delta_from_state_dict
 from .objective import Conditioning
 from .errors import ImagicError
-from .output import atomic_write  # noqa: F401  (also imported from here)
+from .output import atomic_write
 
 FORMAT = "imagic-result"
 VERSION = "1"

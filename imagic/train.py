@@ -18,7 +18,7 @@ from torch import nn
 
 from .defaults import finetune_lr_warning
 from .deltas import WeightDelta, make_delta
-from .errors import ImagicCancelled, ImagicError, ImagicWarning  # noqa: F401  (re-exported)
+from .errors import ImagicCancelled, ImagicError, ImagicWarning
 from .objective import Conditioning, Denoiser, denoising_loss, draw_noise
 
 ProgressFn = Callable[[int, int, float], None]

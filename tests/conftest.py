@@ -7,7 +7,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import save_tiny_sd  # noqa: E402
+from tiny_models import save_tiny_sd
 
 
 @pytest.fixture(scope="session")

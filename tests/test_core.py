@@ -45,6 +45,8 @@ def stage1(case):
 class LinearDenoiser:
     """A model whose output we can compute by hand: 0.5 * x_t + mean(context)."""
 
+    noise_scale = 1.0
+
     def __init__(self, prediction_type):
         self.prediction_type = prediction_type
 
@@ -367,7 +369,7 @@ def test_same_seed_gives_identical_e_opt_and_lora(case):
         delta, _ = finetune(case["den"], case["x0"], e_opt, steps=5, lr=1e-2, seed=seed)
         return e_opt, delta.to_state_dict()
 
-    (e1, d1), (e2, d2), (e3, d3) = run(3), run(3), run(4)
+    (e1, d1), (e2, d2), (e3, _) = run(3), run(3), run(4)
     assert torch.equal(e1["context"], e2["context"])
     assert d1.keys() == d2.keys() and all(torch.equal(d1[k], d2[k]) for k in d1)
     assert not torch.equal(e1["context"], e3["context"])

@@ -1,7 +1,6 @@
 """Fast checks of the toy generator, tokenizer, shipped model and classifier."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

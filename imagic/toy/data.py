@@ -16,7 +16,7 @@ disjoint ranges (``SPLITS``) so that held-out images are never trained on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -83,9 +83,6 @@ class Details:
     dy: float
     scale: float  # size jitter factor (~0.92..1.08)
     tint: tuple[int, int, int]  # object colour jitter, added to the nominal RGB
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

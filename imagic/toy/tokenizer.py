@@ -90,6 +90,3 @@ def write_tokenizer(out_dir, max_length: int = MAX_LENGTH) -> Path:
     }, indent=2) + "\n")
     return out
 
-
-def vocab_size() -> int:
-    return len(build_vocab_and_merges()[0])

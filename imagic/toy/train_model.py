@@ -31,7 +31,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import data

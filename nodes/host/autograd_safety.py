@@ -46,7 +46,9 @@ class OutOfPlaceAugmented(torch.overrides.TorchFunctionMode):
 
     Python rebinds the name of an augmented assignment to whatever the operator returns, so returning
     a new tensor is the same computation without the write. Explicit calls such as ``t.add_(u)``,
-    whose result the caller may ignore, are left as they are; so is everything under no_grad.
+    whose result the caller may ignore, are left as they are; so is everything under no_grad, and so
+    is ``v += y`` on a view: its base must see the write (``x[i] += y`` stores its result back into
+    ``x`` anyway), so it stays in place, and autograd refuses it with its own error if it must.
     """
 
     OPS = {torch.Tensor.add_: torch.add, torch.Tensor.sub_: torch.sub, torch.Tensor.mul_: torch.mul,
@@ -55,7 +57,8 @@ class OutOfPlaceAugmented(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out_of_place = self.OPS.get(func)
-        if out_of_place is not None and torch.is_grad_enabled() and is_augmented_assignment(sys._getframe(1)):
+        if (out_of_place is not None and torch.is_grad_enabled() and not args[0]._is_view()
+                and is_augmented_assignment(sys._getframe(1))):
             return out_of_place(*args, **kwargs)
         return func(*args, **kwargs)
 

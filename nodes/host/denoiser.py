@@ -115,7 +115,9 @@ class ComfyDenoiser:
     @contextlib.contextmanager
     def loaded(self, gradient_checkpointing: bool = False):
         """Make and load the training copy; always undo checkpointing, unload it and drop it."""
-        when = lambda: bool(self.out_of_place)  # noqa: E731
+        def when():
+            return bool(self.out_of_place)
+
         with torch.inference_mode(False), torch.enable_grad():
             try:
                 with contextlib.ExitStack() as stack:

@@ -35,8 +35,9 @@ _WHY = {
 
 
 def kind_names(ms) -> str:
-    """The host's names for a model sampling: its schedule and its prediction kind."""
-    names = [c.__name__ for c in type(ms).__mro__ if c.__module__ == kinds.__name__]
+    """The names of a model sampling's schedule and prediction kind (the host's, and any other kind's)."""
+    kind = prediction_kind(ms)
+    names = [c.__name__ for c in type(ms).__mro__ if c.__module__ == kinds.__name__ or c is kind]
     return " + ".join(names) if names else type(ms).__name__
 
 

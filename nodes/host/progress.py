@@ -47,4 +47,4 @@ def cancellable(fn):
     try:
         return fn()
     except ImagicCancelled:
-        raise comfy.model_management.InterruptProcessingException()
+        raise comfy.model_management.InterruptProcessingException() from None

@@ -75,7 +75,7 @@ def _init_module_(module: torch.nn.Module, gen: torch.Generator, gain: float = 1
                   embed_std: float = 0.02) -> None:
     """Seeded init in place: fan-in scaled Linear/Conv, unit norms, small embeddings, zero bias."""
     done = set()
-    for name, m in module.named_modules():
+    for m in module.modules():
         w = getattr(m, "weight", None)
         b = getattr(m, "bias", None)
         if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)):

@@ -189,7 +189,7 @@ def test_eta_sweep_gives_one_conditioning_per_eta_with_exact_endpoints(pack, loa
     (conds,) = call(C["ImagicEtaSweep"], target=loaded["target"], optimized=e_opt, etas="0, 0.5, 1")
     assert len(conds) == 3
     assert torch.equal(conds[0][0][0], e_opt[0][0]) and torch.equal(conds[2][0][0], loaded["target"][0][0])
-    assert C["ImagicEtaSweep"].validate_inputs(etas="0.5, high") != True  # noqa: E712
+    assert C["ImagicEtaSweep"].validate_inputs(etas="0.5, high") is not True
 
 
 def test_eta_sweep_graph_samples_once_per_eta(comfy, pack, sd15_ckpt):
@@ -421,6 +421,112 @@ def test_model_kinds_imagic_cannot_train_are_refused_by_name(comfy, pack, loaded
     if hasattr(kinds.ModelSamplingDiscreteFlow, "set_noise_scale"):
         scaled = pack["host"].ComfyDenoiser(with_sampling(kinds.CONST, noise_scale=8.0), {}, 64, 64)
         assert scaled.noise_scale == 8.0
+
+
+def _with_model_sampling(loaded, sampling_cls):
+    m = loaded["model"].clone()
+    m.add_object_patch("model_sampling", sampling_cls(loaded["model"].model.model_config))
+    return m
+
+
+def test_prediction_kinds_are_an_allowlist_of_exact_classes(comfy, pack, loaded):
+    """A kind the pack does not know is refused by name even when it subclasses a supported one (ComfyUI
+    0.38's IMG_TO_IMG_VELOCITY(CONST) predicts image minus output from the image itself), and so is a
+    schedule that redefines a prediction method; the supported kinds keep their objective."""
+    import comfy.model_sampling as kinds
+
+    host, C = pack["host"], pack["classes"]
+
+    class NEW_KIND(kinds.CONST):
+        pass
+
+    class IMG_TO_IMG_VELOCITY(kinds.CONST):  # as ComfyUI 0.38's comfy/model_sampling.py defines it
+        def calculate_denoised(self, sigma, model_output, model_input):
+            return model_input - model_output
+
+        def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+            return latent_image
+
+    for kind in (NEW_KIND, IMG_TO_IMG_VELOCITY):
+        sampling = type("Sampling", (kinds.ModelSamplingDiscreteFlow, kind), {})
+        with pytest.raises(Exception, match=f"parameterization .*{kind.__name__}.* not supported"):
+            call(C["ImagicOptimizeEmbedding"], model=_with_model_sampling(loaded, sampling),
+                 conditioning=loaded["target"], latent=loaded["latent"], steps=1, learning_rate=1e-3, seed=0)
+
+    class Redefined(kinds.ModelSamplingDiscreteFlow, kinds.CONST):
+        def calculate_denoised(self, sigma, model_output, model_input):
+            return model_output
+
+    with pytest.raises(Exception, match="Redefined redefines calculate_denoised"):
+        host.prediction_type_of(_with_model_sampling(loaded, Redefined))
+    for schedule, kind, objective in ((kinds.ModelSamplingDiscrete, kinds.EPS, "epsilon"),
+                                      (kinds.ModelSamplingDiscrete, kinds.V_PREDICTION, "v_prediction"),
+                                      (kinds.ModelSamplingDiscreteFlow, kinds.CONST, "flow")):
+        sampling = type("Sampling", (schedule, kind), {})
+        assert host.prediction_type_of(_with_model_sampling(loaded, sampling)) == objective
+
+
+def test_a_noise_level_of_zero_is_never_drawn(comfy, pack, loaded):
+    """The prediction is recovered by dividing by sigma: a schedule whose table contains 0 (a family of
+    ComfyUI 0.38 has one) never has it drawn, and a table with no level above 0 is refused."""
+    import comfy.model_sampling as kinds
+
+    host = pack["host"]
+    model = _with_model_sampling(loaded, type("Sampling", (kinds.ModelSamplingDiscreteFlow, kinds.CONST), {}))
+    ms = model.get_model_object("model_sampling")
+    table = ms.sigmas.clone()
+    ms.sigmas = torch.cat([torch.zeros(len(table)), table])  # half the table at 0
+    den = host.ComfyDenoiser(model, {}, 64, 64)
+    drawn = den.sample_timesteps(4000, torch.Generator().manual_seed(0))
+    assert (drawn > 0).all() and drawn.min() == table.min()
+    ms.sigmas = torch.zeros(5)
+    with pytest.raises(Exception, match="no noise level above zero"):
+        host.ComfyDenoiser(model, {}, 64, 64)
+    ms.sigmas = table
+
+
+def test_augmented_assignments_go_out_of_place_only_while_training(pack):
+    """The mode that lets autograd through the DiTs' residual updates: ``x += y`` becomes ``x = x + y``
+    only while gradients are recorded; an explicit ``x.add_(y)`` and a ``+=`` on a view still write
+    (the view's base must see it); under no_grad everything is as written."""
+    safety = pack["host"].autograd_safety
+
+    def run(grad):
+        with torch.set_grad_enabled(grad), safety.OutOfPlaceAugmented():
+            x = torch.ones(3)
+            alias = x
+            x += 1
+            called = torch.ones(3)
+            called_alias = called
+            called.add_(1)
+            base = torch.ones(4)
+            view = base[:2]
+            view *= 3
+            item = torch.ones(4)
+            item[1:3] += 2
+        return alias, x, called_alias, base, item
+
+    alias, x, called_alias, base, item = run(grad=True)
+    assert alias.tolist() == [1, 1, 1] and x.tolist() == [2, 2, 2], "+= under grad must not write in place"
+    assert called_alias.tolist() == [2, 2, 2], "an explicit add_ call is left as it is"
+    assert base.tolist() == [3, 3, 1, 1], "a += through a view still writes through"
+    assert item.tolist() == [1, 3, 3, 1]
+    alias, x, called_alias, base, item = run(grad=False)
+    assert alias.tolist() == [2, 2, 2] and alias is x, "without gradients += stays in place"
+
+
+def test_the_out_of_place_mode_is_off_where_the_probe_finds_no_in_place_write(comfy, pack, loaded):
+    """The first call with gradients probes the model: SD1.5's UNet writes no tensor autograd saved, so
+    the mode (a Python call per op) stays off for it; the flow-family tests train Flux with it on."""
+    host = pack["host"]
+    tensor, extra = loaded["target"][0]
+    den = host.ComfyDenoiser(loaded["model"], extra, 64, 64)
+    assert den.out_of_place is None
+    with den.loaded():
+        x0 = host.latent_for(loaded["model"], loaded["latent"]).to(den.device)
+        sigma = den.sample_timesteps(1, torch.Generator().manual_seed(0))
+        den.predict(x0 + torch.randn_like(x0) * sigma, sigma, host.text_embedding(den, tensor, extra))
+        assert den.out_of_place is False
 
 
 def test_lora_side_branch_on_the_host_is_the_merged_weight_with_the_same_gradients(comfy, pack, loaded):

@@ -7,7 +7,6 @@ queued through HostSession.run_prompt, exactly as the frontend would queue it.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -429,8 +428,6 @@ def _text_in_code(host, family: str, prompt: dict) -> str:
 
 
 def _run_flow_workflow(host, name, family, tmp_path):
-    from . import flow_models
-
     unet, vae = _flow_files(host, family, tmp_path)
     prompt = shrink(wt.to_api(workflow(name), definitions(host)), "", unet_name=unet, vae_name=vae)
     node_id = _text_in_code(host, family, prompt)

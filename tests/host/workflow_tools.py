@@ -220,7 +220,7 @@ class Graph:
             t = outputs[out_slot]["type"]
         if out_slot < len(inputs) and inputs[out_slot].get("type") == t and inputs[out_slot].get("link") is not None:
             return self.links.get(inputs[out_slot]["link"])
-        for i, inp in enumerate(inputs):
+        for inp in inputs:
             if inp.get("type") == t and inp.get("link") is not None:
                 return self.links.get(inp["link"])
         return None
@@ -445,7 +445,7 @@ def validate(wf: dict, mappings, files: Iterable[str] = ()) -> list[str]:
         where = f"node {nid} ({t})"
         if node.get("mode", 0) not in (MODE_ALWAYS, MODE_MUTED, MODE_BYPASSED):
             problems.append(f"{where}: unknown mode {node.get('mode')!r}")
-        for i, inp in enumerate(node.get("inputs") or []):
+        for inp in node.get("inputs") or []:
             if inp.get("link") is not None and inp["link"] not in g.links:
                 problems.append(f"{where}: input {inp.get('name')!r} names link {inp['link']} that does not exist")
             w = inp.get("widget")

@@ -10,7 +10,7 @@ Needs what tests/browser needs (see tests/browser/conftest.py): a ComfyUI checko
 COMFYUI_PATH, comfyui-frontend-package (the version the host pins) and playwright in the
 Python that runs this script (or COMFYUI_PYTHON), and chromium (/usr/bin/chromium).
 
-    COMFYUI_PATH=/path/to/ComfyUI python scripts/screenshot_workflows.py [names...]
+    COMFYUI_PATH=/path/to/ComfyUI python -m tests.browser.screenshot_workflows [names...]   (from the repository root)
 
 It starts a temporary server (127.0.0.1, free port, stopped at the end), opens the frontend
 in headless chromium, drops each workflow on the canvas as a user does, fits the graph to the
@@ -31,11 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "browser"))
+from . import comfy_server, frontend
 
-import comfy_server  # noqa: E402  (tests/browser/comfy_server.py)
-import frontend  # noqa: E402      (tests/browser/frontend.py)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _save_small_png(raw: Path, out: Path) -> None:
