@@ -46,9 +46,11 @@ class OutOfPlaceAugmented(torch.overrides.TorchFunctionMode):
 
     Python rebinds the name of an augmented assignment to whatever the operator returns, so returning
     a new tensor is the same computation without the write. Explicit calls such as ``t.add_(u)``,
-    whose result the caller may ignore, are left as they are; so is everything under no_grad, and so
-    is ``v += y`` on a view: its base must see the write (``x[i] += y`` stores its result back into
-    ``x`` anyway), so it stays in place, and autograd refuses it with its own error if it must.
+    whose result the caller may ignore, are left as they are; so is everything under no_grad.
+    ``x[i] += y`` stores its result back into ``x`` either way. What the mode cannot keep is a write
+    through a view bound to a name (``v = x[:2]; v += y`` leaves ``x`` as it was): whether that
+    matters depends on whether ``x`` is read again, so ``changes_the_result`` checks the whole model
+    once, and a model where the mode changes the output is refused instead of trained.
     """
 
     OPS = {torch.Tensor.add_: torch.add, torch.Tensor.sub_: torch.sub, torch.Tensor.mul_: torch.mul,
@@ -57,8 +59,7 @@ class OutOfPlaceAugmented(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out_of_place = self.OPS.get(func)
-        if (out_of_place is not None and torch.is_grad_enabled() and not args[0]._is_view()
-                and is_augmented_assignment(sys._getframe(1))):
+        if out_of_place is not None and torch.is_grad_enabled() and is_augmented_assignment(sys._getframe(1)):
             return out_of_place(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -90,6 +91,17 @@ def writes_saved_tensors(forward, x: torch.Tensor, *args, **kwargs) -> bool:
             return True
         raise
     return False
+
+
+def changes_the_result(forward, x: torch.Tensor, *args, **kwargs) -> bool:
+    """Does running ``forward(x, ...)`` under ``OutOfPlaceAugmented`` give another output than running it as
+    written? Out of place and in place compute the same values, so any difference means the code wrote
+    through a view whose base it reads again, which the mode does not keep."""
+    with torch.no_grad():
+        as_written = forward(x.detach(), *args, **kwargs).float()
+    with torch.enable_grad(), OutOfPlaceAugmented():
+        out_of_place = forward(x.detach().requires_grad_(True), *args, **kwargs).float()
+    return not torch.allclose(as_written, out_of_place.detach(), rtol=1e-4, atol=1e-5)
 
 
 @contextlib.contextmanager

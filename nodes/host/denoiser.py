@@ -16,9 +16,10 @@ import torch
 
 import comfy.model_management
 
+from ...imagic import ImagicError
 from ...imagic.deltas import applied
 from . import internals
-from .autograd_safety import autograd_safe, checkpointed, writes_saved_tensors
+from .autograd_safety import autograd_safe, changes_the_result, checkpointed, writes_saved_tensors
 from .conditioning import POOLED, entry_of
 from .kinds import prediction_type_of, training_sigmas
 from .training_copy import training_model
@@ -66,7 +67,7 @@ class ComfyDenoiser:
         transformer_options["cond_or_uncond"] = [0] * n
         c = dict(self.model_inputs(cond, x_in), transformer_options=transformer_options)
         if self.out_of_place is None and torch.is_grad_enabled():
-            self.out_of_place = writes_saved_tensors(self.base.apply_model, x_in, s, **c)
+            self.out_of_place = self._needs_out_of_place(x_in, s, c)
         wrapper = model_options.get("model_function_wrapper")
         if wrapper is not None:
             x0 = wrapper(self._apply_model, {"input": x_in, "timestep": s, "c": c, "cond_or_uncond": [0] * n})
@@ -78,6 +79,17 @@ class ComfyDenoiser:
             alpha, sigma = self.alpha_sigma(sv)
             return alpha * out - sigma * x0
         return out
+
+    def _needs_out_of_place(self, x_in, s, c) -> bool:
+        """The first call with gradients: does the model write tensors autograd saved (then it trains under
+        ``OutOfPlaceAugmented``), and if so, does the mode keep its output (else it is refused)?"""
+        if not writes_saved_tensors(self.base.apply_model, x_in, s, **c):
+            return False
+        if changes_the_result(self.base.apply_model, x_in, s, **c):
+            raise ImagicError(f"this model ({type(self.base).__name__}) updates tensors in place in a way gradients "
+                              "cannot pass through: its code writes through a view that it reads again, and running "
+                              "it out of place changes its output. Imagic cannot train it; please report the model")
+        return True
 
     def trainable_module(self):
         return self.base.diffusion_model

@@ -487,8 +487,9 @@ def test_a_noise_level_of_zero_is_never_drawn(comfy, pack, loaded):
 
 def test_augmented_assignments_go_out_of_place_only_while_training(pack):
     """The mode that lets autograd through the DiTs' residual updates: ``x += y`` becomes ``x = x + y``
-    only while gradients are recorded; an explicit ``x.add_(y)`` and a ``+=`` on a view still write
-    (the view's base must see it); under no_grad everything is as written."""
+    only while gradients are recorded; an explicit ``x.add_(y)`` and ``x[i] += y`` still write; under
+    no_grad everything is as written. A ``+=`` through a view bound to a name does not reach its base
+    under the mode, so a model whose output that changes is found by the check and refused."""
     safety = pack["host"].autograd_safety
 
     def run(grad):
@@ -509,10 +510,30 @@ def test_augmented_assignments_go_out_of_place_only_while_training(pack):
     alias, x, called_alias, base, item = run(grad=True)
     assert alias.tolist() == [1, 1, 1] and x.tolist() == [2, 2, 2], "+= under grad must not write in place"
     assert called_alias.tolist() == [2, 2, 2], "an explicit add_ call is left as it is"
-    assert base.tolist() == [3, 3, 1, 1], "a += through a view still writes through"
-    assert item.tolist() == [1, 3, 3, 1]
+    assert item.tolist() == [1, 3, 3, 1], "x[i] += y stores back into x"
+    assert base.tolist() == [1, 1, 1, 1], "under the mode a view's += does not reach its base"
     alias, x, called_alias, base, item = run(grad=False)
     assert alias.tolist() == [2, 2, 2] and alias is x, "without gradients += stays in place"
+    assert base.tolist() == [3, 3, 1, 1]
+
+    def residual(x):  # a DiT-style residual update after an op that saved x: the mode keeps its output
+        h = x * 2
+        g = h * h
+        h += 1
+        return g + h
+
+    def through_a_view(x):  # writes through a view and reads the base again: the mode would change it
+        h = x * 2
+        g = h * h
+        v = h[:, :1]
+        v += 5
+        return g + h
+
+    x = torch.randn(2, 3)
+    assert safety.writes_saved_tensors(residual, x) and safety.writes_saved_tensors(through_a_view, x)
+    assert not safety.writes_saved_tensors(lambda t: (t * 2).exp() + 1, x)
+    assert not safety.changes_the_result(residual, x)
+    assert safety.changes_the_result(through_a_view, x)
 
 
 def test_the_out_of_place_mode_is_off_where_the_probe_finds_no_in_place_write(comfy, pack, loaded):
