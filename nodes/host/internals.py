@@ -5,8 +5,9 @@ Everything else in ``nodes/`` goes through the host's public machinery (``ModelP
 ``comfy.sd.load_lora_for_models``, ``comfy.utils.ProgressBar``). What is left, and why:
 
 * ``comfy.model_management.current_loaded_models``: the host has no call that unloads *one*
-  patcher; training copies must be unloaded, and a clone that patched shared weights in place must
-  be unloaded (which restores the originals) before its memory is aliased.
+  patcher (``unload_model_and_clones`` unloads every clone, the user's input MODEL with it, since
+  clones share ``clone_base_uuid``); training copies must be unloaded, and a clone that patched shared
+  weights in place must be unloaded (which restores the originals) before its memory is aliased.
 * ``ModelPatcher.backup`` / ``object_patches_backup`` / ``pinned`` / ``weight_inplace_update``: a
   private clone must not inherit the input's restore bookkeeping, nor write patched weights into
   memory it shares with the input.

@@ -135,6 +135,20 @@ def missing_requirements() -> str | None:
 
 # ----------------------------------------------------------------------------- helpers
 
+def host_has_flag(root, flag: str) -> bool:
+    """Whether the host's command line (comfy/cli_args.py) defines ``flag``: feature detection, not versions."""
+    f = Path(root) / "comfy" / "cli_args.py"
+    return f.is_file() and f'"{flag}"' in f.read_text(encoding="utf-8")
+
+
+def templates_json_only(root) -> bool:
+    """Whether the host serves a custom node's template folder as JSON files only (its route refuses any
+    other name, so thumbnails beside the templates are not served; seen in ComfyUI 0.38's
+    app/custom_node_manager.py), rather than as a static folder."""
+    f = Path(root) / "app" / "custom_node_manager.py"
+    return f.is_file() and 'endswith(".json")' in f.read_text(encoding="utf-8")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
@@ -274,6 +288,8 @@ class ComfyServer:
         cmd = [host_python(), "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base),
                "--database-url", "sqlite:///:memory:"]
+        if host_has_flag(self.root, "--disable-assets"):  # newer hosts scan assets at start unless told not to
+            cmd.append("--disable-assets")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("COMFYUI_PATH", None)
         t0 = time.perf_counter()

@@ -23,6 +23,7 @@ their thumbnails.
 from __future__ import annotations
 
 import io
+import json
 import time
 import urllib.parse
 
@@ -86,10 +87,17 @@ def test_every_imagic_node_has_the_help_page_the_node_library_fetches(server):
 def test_workflows_are_served_as_templates_with_thumbnails(server):
     templates = server.get_json("/api/workflow_templates")
     assert sorted(templates.get(comfy_server.PACK_NAME, [])) == sorted(p.stem for p in WORKFLOWS), templates
+    json_only = comfy_server.templates_json_only(server.root)
     for p in WORKFLOWS:
-        # The template browser's picture for a custom node's template: <name>.jpg beside it.
+        status, body = server.request(f"/api/workflow_templates/{comfy_server.PACK_NAME}/{p.stem}.json")
+        assert status == 200 and json.loads(body) == json.loads(p.read_text()), p.stem
+        # The template browser's picture for a custom node's template: <name>.jpg beside it, where the
+        # host serves the folder; a host that serves templates as JSON only answers 404 for it.
         status, body = server.request(f"/api/workflow_templates/{comfy_server.PACK_NAME}/{p.stem}.jpg")
-        assert status == 200 and body[:3] == b"\xff\xd8\xff", p.stem
+        if json_only:
+            assert status == 404, p.stem
+        else:
+            assert status == 200 and body[:3] == b"\xff\xd8\xff", p.stem
 
 
 def _basic_workflow():
