@@ -85,6 +85,10 @@ class ComfyDenoiser:
         ``OutOfPlaceAugmented``), and if so, does the mode keep its output (else it is refused)?"""
         if not writes_saved_tensors(self.base.apply_model, x_in, s, **c):
             return False
+        if writes_saved_tensors(autograd_safe(self.base.apply_model), x_in, s, **c):
+            raise ImagicError(f"this model ({type(self.base).__name__}) updates tensors in place that gradients need, "
+                              "with explicit in-place calls (such as addcmul_ or mul_ on an activation) that Imagic "
+                              "cannot run out of place: it cannot be trained; please report the model")
         if changes_the_result(self.base.apply_model, x_in, s, **c):
             raise ImagicError(f"this model ({type(self.base).__name__}) updates tensors in place in a way gradients "
                               "cannot pass through: its code writes through a view that it reads again, and running "

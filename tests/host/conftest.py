@@ -7,7 +7,9 @@ failure instead. IMAGIC_HOST_CKPT_CACHE=<dir> keeps the generated checkpoints be
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,24 @@ def comfy(tmp_path_factory) -> comfy_host.HostSession:
             pytest.fail(comfy_host.skip_reason())
         pytest.skip(comfy_host.skip_reason())
     return comfy_host.default_session(tmp_path_factory.mktemp("comfy_host"))
+
+
+NODE_IDS = ["ImagicOptimizeEmbedding", "ImagicFinetuneUNet", "ImagicInterpolateConditioning", "ImagicEtaSweep",
+            "ImagicSaveEmbedding", "ImagicLoadEmbedding"]
+
+
+@pytest.fixture(scope="module")
+def pack(comfy):
+    """The pack as the host loaded it: its ``nodes.host`` and ``imagic`` packages, ``imagic.deltas``, and
+    the registered node classes by id."""
+    ids = comfy.load_pack()
+    missing = [i for i in NODE_IDS if i not in comfy.nodes.NODE_CLASS_MAPPINGS]
+    assert not missing, f"pack did not register {missing} (import failed? registered: {ids})"
+    mod = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["ImagicOptimizeEmbedding"].__module__]
+    pkg = mod.__name__.rsplit(".", 2)[0]  # <pack>.nodes.nodes_train -> <pack>
+    return dict(host=sys.modules[pkg + ".nodes.host"], imagic=sys.modules[pkg + ".imagic"],
+                deltas=importlib.import_module(pkg + ".imagic.deltas"),
+                classes={i: comfy.nodes.NODE_CLASS_MAPPINGS[i] for i in NODE_IDS})
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,7 @@ class FlowFamily:
     guidance: float | None = None    # "guidance" (FluxGuidance) for guidance-distilled models
     attention_mask: bool = False     # the family's text encoder puts "attention_mask" in the dict
     heavy: bool = False              # hundreds of millions of parameters: not for quick tests
+    stage1: tuple = (20, 0.02)       # (steps, learning rate) of the stage 1 checks
     note: str = ""
 
     def build(self, path, seed: int = 0) -> FlowModelInfo:
@@ -117,6 +118,39 @@ _ZIMAGE = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=3840, ca
                rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0,
                pad_tokens_multiple=32)
 
+# Flux.2 Klein (4B): the Flux2 class as Flux.2 dev, told apart only by its text encoder: Qwen3-4B,
+# 3 layers x 2560 = 7680 context; no guidance embedding (klein is not guidance-distilled).
+_FLUX2_KLEIN = dict(_FLUX2_DEV, context_in_dim=7680, guidance_embed=False)
+
+# Krea 2: single-stream DiT; detection reads the widths, depths and the text fusion's width from the file
+# (head dim 128, patch 2 and the fusion's 2 + 2 blocks at 20 heads are fixed). Its text encoder taps 12
+# layers x 2560 of Qwen3-VL-4B (30720): at that width the fixed fusion tower alone is 343M, so the quick
+# family keeps the layout (txtlayers x txtdim) at 2 x 160 and the heavy one has the real width.
+_KREA2 = dict(image_model="krea2", features=128, channels=16, patch=2, layers=1, heads=1, kvheads=1,
+              txtlayers=2, txtdim=160)
+_KREA2_FULL_TEXT = dict(_KREA2, txtlayers=12, txtdim=2560)
+
+# HunyuanImage 2.1: the HunyuanVideo network with 2-D patches and no vector_in; head dim 128 (axes
+# [64, 64]), Qwen2.5-VL-7B context 3584 (read), no ByT5 glyph branch, no guidance embedding (the
+# distilled variant has one). Wan-style 64-channel 2-D latent (32x VAE).
+_HUNYUAN_IMAGE21 = dict(image_model="hunyuan_video", in_channels=64, patch_size=[1, 1], out_channels=64,
+                        vec_in_dim=None, axes_dim=[64, 64], meanflow=False, context_in_dim=3584, hidden_size=128,
+                        mlp_ratio=4.0, num_heads=1, depth=1, depth_single_blocks=1, theta=256, qkv_bias=True,
+                        byt5=False, guidance_embed=False, use_cond_type_embedding=False, vision_in_dim=None,
+                        meanflow_sum=False)
+
+# Chroma: Flux.1 schnell-like network whose modulation comes from a fixed 5 x 5120 approximator with
+# 3072-wide outputs, so hidden is 3072 (24 heads) and one double block: ~0.5B. T5-XXL context 4096.
+_CHROMA = dict(image_model="chroma", in_channels=64, out_channels=64, in_dim=64, out_dim=3072, hidden_dim=5120,
+               n_layers=5, axes_dim=[16, 56, 56], num_heads=24, mlp_ratio=4.0, theta=10000, qkv_bias=True,
+               txt_ids_dims=[], patch_size=2, hidden_size=3072, context_in_dim=4096, vec_in_dim=None, depth=1,
+               depth_single_blocks=0)
+# Chroma Radiance: the same in pixel space (3 channels, 16 px patches, a small NeRF-style head).
+_CHROMA_RADIANCE = dict(_CHROMA, image_model="chroma_radiance", in_channels=3, out_channels=3, patch_size=16,
+                        nerf_hidden_size=64, nerf_mlp_ratio=4, nerf_depth=4, nerf_max_freqs=8, nerf_tile_size=512,
+                        nerf_final_head_type="linear", nerf_embedder_dtype=torch.float32, use_x0=False,
+                        use_sequential_txt_ids=False)
+
 FAMILIES: dict[str, FlowFamily] = {
     "flux_dev": FlowFamily(
         "flux_dev", "Flux", _FLUX_DEV, text_width=4096, tokens=12, latent_shape=(1, 16, 16, 16),
@@ -147,6 +181,31 @@ FAMILIES: dict[str, FlowFamily] = {
         attention_mask=True, heavy=True,
         note="model_base.Lumina2 (NextDiT with z_image_modulation); ModelSamplingDiscreteFlow shift 3.0, "
              "multiplier 1.0; the mask is ignored as for lumina2"),
+    "flux2_klein": FlowFamily(
+        "flux2_klein", "Flux2", _FLUX2_KLEIN, text_width=7680, tokens=12, latent_shape=(1, 128, 8, 8),
+        attention_mask=True,
+        note="detected as Flux2 (the class of Flux.2 dev); no guidance key in the conditioning"),
+    "krea2": FlowFamily(
+        "krea2", "Krea2", _KREA2, text_width=320, tokens=12, latent_shape=(1, 16, 1, 8, 8), stage1=(40, 0.005),
+        note="stage 1: the tiny random network's text path moves the objective by well under 1%, so it is checked "
+             "over 40 small steps (at 20 steps of 0.02 the held-out value is within noise); "
+             "ModelType.FLUX: ModelSamplingFlux shift 1.15; Wan 2.1 latent (5-D); context = txtlayers x txtdim, "
+             "unpacked per layer by the model; text side scaled down (the real 30720 is krea2_full_text)"),
+    "krea2_full_text": FlowFamily(
+        "krea2_full_text", "Krea2", _KREA2_FULL_TEXT, text_width=30720, tokens=12, latent_shape=(1, 16, 1, 8, 8),
+        heavy=True, note="Krea 2 with the real text width (12 x 2560): the fusion tower is 343M"),
+    "hunyuan_image21": FlowFamily(
+        "hunyuan_image21", "HunyuanImage21", _HUNYUAN_IMAGE21, text_width=3584, tokens=12,
+        latent_shape=(1, 64, 8, 8), attention_mask=True,
+        note="ModelType.FLOW: ModelSamplingDiscreteFlow shift 5.0, multiplier 1000; extra_conds adds guidance 6.0 "
+             "by default (unused without a guidance embedding)"),
+    "chroma": FlowFamily(
+        "chroma", "Chroma", _CHROMA, text_width=4096, tokens=12, latent_shape=(1, 16, 16, 16), heavy=True,
+        note="ModelType.FLUX: ModelSamplingFlux shift 1.15; no pooled vector, no guidance; ~0.5B at the smallest"),
+    "chroma_radiance": FlowFamily(
+        "chroma_radiance", "ChromaRadiance", _CHROMA_RADIANCE, text_width=4096, tokens=12,
+        latent_shape=(1, 3, 64, 64), heavy=True,
+        note="pixel space: the LATENT is the image (3 channels, no VAE compression); as Chroma otherwise"),
 }
 
 

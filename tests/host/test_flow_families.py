@@ -16,7 +16,7 @@ import torch
 
 from . import flow_models
 from .comfy_host import call_node
-from .test_imagic_nodes import objective, objective_by_hand, pack  # noqa: F401  (pack: the fixture)
+from .test_imagic_nodes import objective, objective_by_hand
 
 SLOW = os.environ.get("IMAGIC_HOST_SLOW", "") not in ("", "0")
 FAMILIES = [pytest.param(name, marks=pytest.mark.skipif(spec.heavy and not SLOW, reason=(
@@ -42,7 +42,7 @@ def _drop_loaded_models():
 
 
 @pytest.fixture
-def fam(comfy, pack, models_dir, request):  # noqa: F811
+def fam(comfy, pack, models_dir, request):
     """(spec, MODEL from the stock UNETLoader, conditioning, latent) of the family; one at a time in memory."""
     name = request.param
     if name not in _LOADED:
@@ -80,7 +80,7 @@ def sample(model, positive, negative, latent, seed=3, steps=2, cfg=1.0):
 
 # --------------------------------------------------------------------------------------------------
 @families
-def test_the_family_is_detected_and_trained_as_a_flow_model(pack, fam):  # noqa: F811
+def test_the_family_is_detected_and_trained_as_a_flow_model(pack, fam):
     spec, model, cond, latent = fam
     assert type(model.model.model_config).__name__ == spec.model_class
     den = pack["host"].ComfyDenoiser(model, cond[0][1], 64, 64)
@@ -88,7 +88,7 @@ def test_the_family_is_detected_and_trained_as_a_flow_model(pack, fam):  # noqa:
 
 
 @families
-def test_the_nodes_objective_is_the_hand_computed_velocity_loss(pack, fam):  # noqa: F811
+def test_the_nodes_objective_is_the_hand_computed_velocity_loss(pack, fam):
     spec, model, cond, latent = fam
     node, hand, kind = objective_by_hand(pack, model, cond, latent, [0.15, 0.5, 0.9])
     assert kind == "flow"
@@ -96,7 +96,7 @@ def test_the_nodes_objective_is_the_hand_computed_velocity_loss(pack, fam):  # n
 
 
 @families
-def test_noise_levels_are_drawn_with_the_models_shift(pack, fam):  # noqa: F811
+def test_noise_levels_are_drawn_with_the_models_shift(pack, fam):
     """Uniform over the model's own (shifted) schedule, the one its sampler uses: not plain uniform t."""
     spec, model, cond, latent = fam
     den = pack["host"].ComfyDenoiser(model, cond[0][1], 64, 64)
@@ -109,13 +109,14 @@ def test_noise_levels_are_drawn_with_the_models_shift(pack, fam):  # noqa: F811
 
 
 @families
-def test_both_stages_lower_the_familys_objective_and_the_base_is_untouched(comfy, pack, fam):  # noqa: F811
+def test_both_stages_lower_the_familys_objective_and_the_base_is_untouched(comfy, pack, fam):
     spec, model, cond, latent = fam
     C = pack["classes"]
     state = {k: v.clone() for k, v in model.model.state_dict().items()}
     base = objective(pack, model, cond, latent, count=12)
-    e_opt, loss1 = call(C["ImagicOptimizeEmbedding"], model=model, conditioning=cond, latent=latent, steps=20,
-                        learning_rate=0.02, seed=0)
+    steps, lr = spec.stage1
+    e_opt, loss1 = call(C["ImagicOptimizeEmbedding"], model=model, conditioning=cond, latent=latent, steps=steps,
+                        learning_rate=lr, seed=0)
     stage1 = objective(pack, model, e_opt, latent, count=12)
     tuned, lora, loss2 = call(C["ImagicFinetuneUNet"], model=model, conditioning=e_opt, latent=latent, steps=20,
                               learning_rate=3e-3, seed=0, method="lora", rank=4, gradient_checkpointing=True)
@@ -131,7 +132,7 @@ def test_both_stages_lower_the_familys_objective_and_the_base_is_untouched(comfy
 
 
 @families
-def test_saved_lora_loads_with_the_stock_loader_and_samples_like_the_node_model(comfy, pack, fam, caplog):  # noqa: F811
+def test_saved_lora_loads_with_the_stock_loader_and_samples_like_the_node_model(comfy, pack, fam, caplog):
     spec, model, cond, latent = fam
     C = pack["classes"]
     tuned, lora, _ = call(C["ImagicFinetuneUNet"], model=model, conditioning=cond, latent=latent, steps=4,
@@ -152,7 +153,7 @@ def test_saved_lora_loads_with_the_stock_loader_and_samples_like_the_node_model(
 
 
 @families
-def test_cancel_stops_training_within_a_step_and_leaves_the_model(comfy, pack, fam):  # noqa: F811
+def test_cancel_stops_training_within_a_step_and_leaves_the_model(comfy, pack, fam):
     import comfy.model_management as mm
     import comfy.utils
 
@@ -182,7 +183,7 @@ def test_cancel_stops_training_within_a_step_and_leaves_the_model(comfy, pack, f
 
 
 @families
-def test_the_finetuned_model_samples_the_interpolated_conditioning_through_the_stock_sampler(pack, fam):  # noqa: F811
+def test_the_finetuned_model_samples_the_interpolated_conditioning_through_the_stock_sampler(pack, fam):
     spec, model, cond, latent = fam
     C = pack["classes"]
     e_opt, _ = call(C["ImagicOptimizeEmbedding"], model=model, conditioning=cond, latent=latent, steps=3,
@@ -197,3 +198,44 @@ def test_the_finetuned_model_samples_the_interpolated_conditioning_through_the_s
     out = sample(tuned, edit, negative, latent, cfg=2.0)
     assert out.shape[-2:] == latent["samples"].shape[-2:] and torch.isfinite(out).all()
     assert not torch.equal(out, sample(model, edit, negative, latent, cfg=2.0))
+
+
+# ------------------------------------------------------------------ reference latents (edit models)
+# Flux Kontext, Flux.2 and Krea 2 (like Qwen-Image-Edit) read reference images from the conditioning
+# (ReferenceLatent: "reference_latents", optionally "reference_latents_method"). The training nodes
+# train with them exactly as the sampler passes them: the objective is the one the edit will be
+# sampled with. Krea 2's "index_timestep_zero" method runs its blocks' slice-wise in-place
+# modulation (mul_/add_ on views of activations), which must pass gradients.
+REFERENCE_CASES = [pytest.param("flux_dev", None, id="flux_dev-kontext"),
+                   pytest.param("flux2", None, id="flux2-index"),
+                   pytest.param("krea2", "index", id="krea2-index"),
+                   pytest.param("krea2", "index_timestep_zero", id="krea2-index_timestep_zero")]
+
+
+@pytest.mark.parametrize("fam, method", REFERENCE_CASES, indirect=["fam"])
+def test_reference_latents_are_trained_with_as_the_sampler_passes_them(comfy, pack, fam, method):
+    spec, model, cond, latent = fam
+    C = pack["classes"]
+    extra = dict(cond[0][1], reference_latents=[flow_models.latent(spec, seed=7)["samples"]])
+    if method is not None:
+        extra["reference_latents_method"] = method
+    with_ref = [[cond[0][0], extra]]
+    base_with, base_without = objective(pack, model, with_ref, latent, count=12), objective(pack, model, cond, latent, count=12)
+    assert base_with != pytest.approx(base_without, rel=1e-6), "the reference must reach the model"
+    seen = []
+    hook = model.model.diffusion_model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("ref_latents") is not None), with_kwargs=True)
+    try:
+        steps, lr = spec.stage1
+        e_opt, loss1 = call(C["ImagicOptimizeEmbedding"], model=model, conditioning=with_ref, latent=latent,
+                            steps=steps, learning_rate=lr, seed=0)
+        tuned, _, loss2 = call(C["ImagicFinetuneUNet"], model=model, conditioning=e_opt, latent=latent, steps=15,
+                               learning_rate=3e-3, seed=0, method="lora", rank=4, gradient_checkpointing=True)
+    finally:
+        hook.remove()
+    assert seen and all(seen), "every training call must carry the reference latents"
+    assert "reference_latents" in e_opt[0][1] and e_opt[0][1].get("reference_latents_method") == method
+    stage1 = objective(pack, model, e_opt, latent, count=12)
+    stage2 = objective(pack, tuned, e_opt, latent, count=12)
+    assert stage1 < base_with and stage2 < stage1, (base_with, stage1, stage2)
+    assert all(torch.isfinite(torch.tensor(v)) for v in loss1["loss"] + loss2["loss"])
