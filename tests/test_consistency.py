@@ -206,3 +206,17 @@ def test_readme_node_table_states_the_defaults_wherever_it_gives_one():
         assert float(value) == DEFAULTS["eta"]
     for value in re.findall(r"`etas` \(\"([^\"]+)\"\)", README):
         assert tuple(float(e) for e in value.split(",")) == ETA_SWEEP
+
+
+def test_readme_family_table_is_the_packs_verdict_table():
+    """The README's "Every image family" table is nodes/host/families.py, row for row (the nodes warn or
+    refuse from that file, so what users read is what the nodes do). Loaded by path: nodes/ imports ComfyUI."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("families", ROOT / "nodes" / "host" / "families.py")
+    families = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(families)
+    rows = {r[0].strip("`"): r[1:] for r in table(section("In ComfyUI"), "host class")}
+    assert set(rows) == set(families.FAMILIES), set(rows) ^ set(families.FAMILIES)
+    for cls, (family, verdict, note) in families.FAMILIES.items():
+        assert rows[cls] == [family, verdict, note], cls

@@ -28,6 +28,9 @@ def single_conditioning(conditioning, what: str):
     if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3 or tensor.shape[0] != 1:
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ImagicError(f"{what} has shape {shape}; expected [1, tokens, width] from one text")
+    if not tensor.is_floating_point():
+        raise ImagicError(f"{what} holds token ids ({tensor.dtype}), not a text embedding: this model reads its text "
+                          "as tokens and encodes it inside the network, so there is no embedding for Imagic to optimize")
     return tensor, extra
 
 

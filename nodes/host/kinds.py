@@ -68,6 +68,11 @@ def prediction_type_of(model) -> str:
             raise ImagicError(f"this model's parameterization ({kind_names(ms)}) is not supported by Imagic: "
                               f"{owner.__name__} redefines {method}, so its training objective is not "
                               f"{kind.__name__}'s; Imagic trains {SUPPORTED}")
+    sigma_data = float(getattr(ms, "sigma_data", 1.0))
+    if objective != "flow" and sigma_data != 1.0:
+        # EPS/V_PREDICTION scale the network's input and output by sigma_data; the objective is written for 1.
+        raise ImagicError(f"this model's parameterization ({kind_names(ms)}) has sigma_data {sigma_data:g}: Imagic "
+                          f"trains {kind.__name__} models with the unit data scale of SD 1.x/2.x/SDXL only")
     return objective
 
 

@@ -28,7 +28,8 @@ class NodeProgress:
 
     def text(self, step, total, loss) -> str:
         line = f"{self.label} {step}/{total}  loss {loss:.4f}"
-        return f"warning: {self.note}\n{line}" if self.note else line
+        warnings = [f"warning: {n}" for n in (self.note or "").split("\n") if n]
+        return "\n".join(warnings + [line])
 
     def __call__(self, step, total, loss):
         self.bar.update_absolute(step, total)

@@ -14,8 +14,9 @@ import torch
 
 import comfy.sd
 
-from ...imagic import finetune, optimize_embedding
+from ...imagic import ImagicError, finetune, optimize_embedding
 from ...imagic.deltas import WeightDelta
+from . import families
 from .conditioning import check_family, conditioning_of, image_size, latent_for, single_conditioning, text_embedding
 from .denoiser import ComfyDenoiser
 from .progress import NodeProgress, cancellable
@@ -31,11 +32,29 @@ def prepare(model, conditioning, latent, what: str):
     return tensor, extra, ComfyDenoiser(model, extra, *image_size(extra, latent))
 
 
+def family_warning(model):
+    """None for a tested family; the warning for an untested one; ImagicError for a refused one."""
+    config = getattr(model.model, "model_config", None)
+    name, verdict, note = families.verdict(type(config).__name__ if config is not None else "unknown")
+    if verdict == families.REFUSED:
+        raise ImagicError(f"{name} cannot be edited with Imagic: {note}")
+    if verdict == families.UNTESTED:
+        message = (f"{name} is not tested with Imagic ({note}); the objective follows its model sampling, but "
+                   "check the loss goes down and the eta 0 image reproduces the photo")
+        logging.warning("Imagic: %s", message)
+        return message
+    return None
+
+
+def _notes(*notes):
+    return "\n".join(n for n in notes if n) or None
+
+
 def optimize_embedding_stage(model, conditioning, latent, *, steps: int, lr: float, seed: int, node_id=None,
                              adam: str = "fast", on_start=None, on_step=None):
     """Stage 1 on a MODEL: (e_opt as a CONDITIONING with the input's keys, loss per step). The MODEL is not changed."""
     tensor, extra, den = prepare(model, conditioning, latent, "the conditioning")
-    progress = NodeProgress(max(steps, 1), node_id, "embedding", also=on_step)
+    progress = NodeProgress(max(steps, 1), node_id, "embedding", note=family_warning(model), also=on_step)
     with den.loaded():
         x0 = latent_for(model, latent).to(den.device)
         e_tgt = text_embedding(den, tensor, extra)
@@ -56,11 +75,11 @@ def finetune_stage(model, conditioning, latent, *, steps: int, lr: float, seed: 
     tensor, extra, den = prepare(model, conditioning, latent, "the optimized conditioning")
     if steps == 0:
         return model.clone(), {}, []
-    progress = NodeProgress(steps, node_id, f"fine-tune ({method})", also=on_step)
+    progress = NodeProgress(steps, node_id, f"fine-tune ({method})", note=family_warning(model), also=on_step)
 
     def warn(message):
         logging.warning("Imagic Fine-tune UNet: %s", message)
-        progress.note = message
+        progress.note = _notes(progress.note, message)
 
     with den.loaded(gradient_checkpointing):
         x0 = latent_for(model, latent).to(den.device)

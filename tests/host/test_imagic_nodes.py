@@ -445,11 +445,34 @@ def test_prediction_kinds_are_an_allowlist_of_exact_classes(comfy, pack, loaded)
 
     with pytest.raises(Exception, match="Redefined redefines calculate_denoised"):
         host.prediction_type_of(_with_model_sampling(loaded, Redefined))
+    edm_v = _with_model_sampling(loaded, type("Sampling", (kinds.ModelSamplingContinuousEDM, kinds.V_PREDICTION), {}))
+    edm_v.get_model_object("model_sampling").set_parameters(0.002, 80.0, 0.5)  # Playground-style data scale
+    with pytest.raises(Exception, match="sigma_data 0.5"):
+        host.prediction_type_of(edm_v)
     for schedule, kind, objective in ((kinds.ModelSamplingDiscrete, kinds.EPS, "epsilon"),
                                       (kinds.ModelSamplingDiscrete, kinds.V_PREDICTION, "v_prediction"),
                                       (kinds.ModelSamplingDiscreteFlow, kinds.CONST, "flow")):
         sampling = type("Sampling", (schedule, kind), {})
         assert host.prediction_type_of(_with_model_sampling(loaded, sampling)) == objective
+
+
+def test_each_family_gets_its_verdict_before_training(comfy, pack, loaded):
+    """A tested family trains silently, an untested one with a warning that says so, a refused one (its text
+    arrives as token ids, say) stops with the reason before any work."""
+    from types import SimpleNamespace
+
+    stages = pack["host"].stages
+    assert stages.family_warning(loaded["model"]) is None  # SD15
+    fake = lambda name: SimpleNamespace(model=SimpleNamespace(model_config=type(name, (), {})()))
+    assert "AuraFlow is not tested" in stages.family_warning(fake("AuraFlow"))
+    assert "does not know" in stages.family_warning(fake("SomeFutureModel"))
+    with pytest.raises(Exception, match="HiDream-O1 cannot be edited with Imagic: the text reaches the model as token ids"):
+        stages.family_warning(fake("HiDreamO1"))
+    # A family not in the table whose text encoder hands over token ids is refused on its conditioning.
+    ids = [[torch.zeros(1, 12, 1, dtype=torch.long), {}]]
+    with pytest.raises(Exception, match="holds token ids"):
+        call(pack["classes"]["ImagicOptimizeEmbedding"], model=loaded["model"], conditioning=ids,
+             latent=loaded["latent"], steps=1, learning_rate=1e-3, seed=0)
 
 
 def test_a_noise_level_of_zero_is_never_drawn(comfy, pack, loaded):
