@@ -24,18 +24,46 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from .errors import ImagicError
 from .offload import parked
 
 METHODS = ("lora", "full")
 
 
+def is_linear(m: nn.Module) -> bool:
+    """A linear layer: ``nn.Linear``, or a host's own linear module that is not one (ComfyUI's mixed-precision
+    Linear for quantized files) but has a weight and integer ``in_features`` / ``out_features``."""
+    if isinstance(m, nn.Linear):
+        return True
+    return (getattr(m, "weight", None) is not None and isinstance(getattr(m, "in_features", None), int)
+            and isinstance(getattr(m, "out_features", None), int))
+
+
+def _layer_weight_shape(m: nn.Module) -> torch.Size:
+    # From the layer, not from its weight tensor: a quantized weight's storage shape is its encoding's
+    # (ComfyUI-GGUF keeps Q8_0 blocks as bytes), the layer's sizes are the values' shape.
+    if isinstance(m, nn.Conv2d):
+        return torch.Size((m.out_channels, m.in_channels // m.groups) + tuple(m.kernel_size))
+    return torch.Size((m.out_features, m.in_features))
+
+
 def lora_target_shapes(module: nn.Module) -> Dict[str, torch.Size]:
-    """Weights of every Linear and Conv2d in the module, by parameter name."""
+    """Weights of every linear layer (``is_linear``) and Conv2d in the module, by parameter name."""
     shapes = {}
     for name, m in module.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "weight", None) is not None:
-            shapes[f"{name}.weight"] = m.weight.shape
+        if (is_linear(m) or isinstance(m, nn.Conv2d)) and getattr(m, "weight", None) is not None:
+            shapes[f"{name}.weight"] = _layer_weight_shape(m)
     return shapes
+
+
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                   if hasattr(torch, n))
+
+
+def quantized_weights(module: nn.Module) -> List[str]:
+    """Names of the parameters stored quantized: fp8 dtypes, or a tensor subclass (QuantizedTensor, GGUF)."""
+    return [name for name, p in module.named_parameters()
+            if p.dtype in FP8_DTYPES or type(p) not in (torch.Tensor, nn.Parameter)]
 
 
 def full_target_shapes(module: nn.Module) -> Dict[str, torch.Size]:
@@ -292,6 +320,12 @@ def make_delta(method: str, module: nn.Module, rank: int, seed: int, device=None
         g = torch.Generator().manual_seed(int(seed))
         return LoraDelta(lora_target_shapes(module), rank=rank, generator=g, device=device)
     if method == "full":
+        quantized = quantized_weights(module)
+        if quantized:
+            raise ImagicError(f"a full fine-tune trains a full-precision copy of every weight, and this model's weights "
+                              f"are stored quantized ({len(quantized)} of them, e.g. {quantized[0]}: fp8, GGUF or "
+                              "mixed precision): that copy would be several times the file's size. Use method lora "
+                              "(it trains on the quantized weights as they are), or load a bf16/fp16 file for full")
         return FullDelta.trainable(module, device=device)
     raise ValueError(f"unknown fine-tune method {method!r}; use one of {METHODS}")
 
@@ -333,7 +367,7 @@ def _lora_side_branch(delta: LoraDelta, name: str):
         x = args[0]
         down, up, scale = delta.factors(name)
         down, up = down.to(x.dtype), up.to(x.dtype)
-        if isinstance(module, nn.Linear):
+        if is_linear(module):
             h = F.linear(F.linear(x, down), up)
         else:  # LoCon: the down convolution takes the layer's geometry, up is 1x1
             h = F.conv2d(F.conv2d(x, down, None, module.stride, module.padding, module.dilation), up)
@@ -344,7 +378,7 @@ def _lora_side_branch(delta: LoraDelta, name: str):
 
 def side_branch_ok(module: nn.Module) -> bool:
     """Whether a LoRA on this layer can run as a side branch (else it is merged into the weight)."""
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return True
     return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
             and not isinstance(module.padding, str))

@@ -31,6 +31,20 @@ def _alias(t: torch.Tensor) -> torch.Tensor:
     return out.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
+def _private(t: torch.Tensor, parameter: bool) -> torch.Tensor:
+    """The training network's own object for one of the input's tensors, on the same memory.
+
+    A plain tensor gets an alias (a new ordinary tensor object on its storage). A tensor subclass (the
+    host's QuantizedTensor for fp8 / mixed-precision files, ComfyUI-GGUF's GGMLTensor) is shared as it
+    is: its storage is its quantized encoding, not its values (an alias would read the bytes as
+    numbers), and its layer only ever reads it through its own dequantization into a new tensor, so
+    autograd never saves it and nothing writes it.
+    """
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return t
+    return torch.nn.Parameter(_alias(t), requires_grad=False) if parameter else _alias(t)
+
+
 def aliased_network(module: torch.nn.Module) -> torch.nn.Module:
     """The same network with its own parameter and buffer objects on the same memory (``_alias``), and
     its own hooks and weight-function lists, so nothing done to it reaches the original module.
@@ -39,9 +53,8 @@ def aliased_network(module: torch.nn.Module) -> torch.nn.Module:
     cannot rebuild, and only the tensors and the per-module mutable containers must not be shared.
     """
     new = copy.copy(module)
-    new._parameters = {k: None if v is None else torch.nn.Parameter(_alias(v), requires_grad=False)
-                       for k, v in module._parameters.items()}
-    new._buffers = {k: None if v is None else _alias(v) for k, v in module._buffers.items()}
+    new._parameters = {k: None if v is None else _private(v, True) for k, v in module._parameters.items()}
+    new._buffers = {k: None if v is None else _private(v, False) for k, v in module._buffers.items()}
     new._modules = {k: None if v is None else aliased_network(v) for k, v in module._modules.items()}
     for k, v in module.__dict__.items():
         if k.endswith("hooks") and isinstance(v, dict):
