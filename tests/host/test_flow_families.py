@@ -47,6 +47,12 @@ def fam(comfy, pack, models_dir, request):
     name = request.param
     if name not in _LOADED:
         _LOADED.clear()
+        # The host keeps every loaded model (on a CPU, in RAM): free the last family's before the next one, or
+        # the opt-in families together pass 23 GB.
+        import comfy.model_management
+
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
         spec = flow_models.FAMILIES[name]
         path = models_dir / f"tiny_{name}.safetensors"
         if not path.exists():

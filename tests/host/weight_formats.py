@@ -7,8 +7,10 @@ as one format; ``FORMATS`` lists each with the loader that reads it:
 - ``fp8_e4m3fn`` / ``fp8_e4m3fn_fast`` / ``fp8_e5m2``: the bf16 file with UNETLoader's ``weight_dtype``;
 - ``scaled_fp8``: the legacy "scaled fp8" layout (fp8 e4m3 weights, a per-layer ``scale_weight``, a
   ``scaled_fp8`` marker), which the host converts at load (``comfy.utils.convert_old_quants``);
-- ``mixed_e4m3`` / ``mixed_e5m2``: ``_quantization_metadata`` checkpoints (QUANTIZATION.md), whose
-  weights the host loads as ``QuantizedTensor``s run by ``MixedPrecisionOps``;
+- ``mixed_<format>``: ``_quantization_metadata`` checkpoints (QUANTIZATION.md) in each of the host's
+  ``QUANT_ALGOS`` (float8_e4m3fn, float8_e5m2, nvfp4, mxfp8, int8_tensorwise, convrot_w4a4,
+  asym_w4a8_int8 in 0.33), quantized with the host's own ``QuantizedTensor.from_float`` and loaded as
+  ``QuantizedTensor``s run by ``MixedPrecisionOps`` (on a CPU through its dequantizing fallback);
 - ``gguf_*``: GGUF files written with PyPI's ``gguf`` and loaded by ComfyUI-GGUF's ``UnetLoaderGGUF``
   (F16, BF16 and the block quants ``gguf.quants`` can write: Q8_0, Q5_1, Q4_0; its Python quantizer has
   no K-quants, ``NotImplementedError``). 1-D and small tensors stay F32, as ComfyUI-GGUF's converter keeps
@@ -39,7 +41,9 @@ FORMATS = {f.name: f for f in [
     Format("bf16", "unet", quantized=False),
     Format("fp8_e4m3fn", "unet", "fp8_e4m3fn"), Format("fp8_e4m3fn_fast", "unet", "fp8_e4m3fn_fast"),
     Format("fp8_e5m2", "unet", "fp8_e5m2"),
-    Format("scaled_fp8", "unet"), Format("mixed_e4m3", "unet"), Format("mixed_e5m2", "unet"),
+    Format("scaled_fp8", "unet"),
+    *[Format(f"mixed_{algo}", "unet") for algo in ("float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "int8_tensorwise",
+                                                    "convrot_w4a4", "asym_w4a8_int8")],
     Format("gguf_f16", "gguf", quantized=False), Format("gguf_bf16", "gguf", quantized=False),
     Format("gguf_q8_0", "gguf"), Format("gguf_q5_1", "gguf"), Format("gguf_q4_0", "gguf"),
 ]}
@@ -70,14 +74,22 @@ def write(fmt: str, sd: dict, path, arch: str) -> Path:
             out[k], out[k[:-len(".weight")] + ".scale_weight"] = _fp8(sd[k], torch.float8_e4m3fn)
         out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
         comfy.utils.save_torch_file(out, str(path))
-    elif fmt in ("mixed_e4m3", "mixed_e5m2"):
-        dtype, name = ((torch.float8_e4m3fn, "float8_e4m3fn") if fmt == "mixed_e4m3"
-                       else (torch.float8_e5m2, "float8_e5m2"))
+    elif fmt.startswith("mixed_"):
+        import comfy.quant_ops
+
+        algo = fmt[len("mixed_"):]
+        layout = comfy.quant_ops.QUANT_ALGOS[algo]["comfy_tensor_layout"]
         out, layers = dict(sd), {}
         for k in _linear_weights(sd):
-            layer = k[:-len(".weight")]
-            out[k], out[layer + ".weight_scale"] = _fp8(sd[k], dtype)
-            layers[layer] = {"format": name}
+            try:  # block formats need whole blocks (convrot_w4a4: 256 inputs): other layers stay bf16
+                q = comfy.quant_ops.QuantizedTensor.from_float(sd[k].float(), layout)
+            except ValueError:
+                continue
+            del out[k]
+            out.update(q.state_dict(k))
+            layers[k[:-len(".weight")]] = {"format": algo}
+        if not layers:
+            raise ValueError(f"no layer of this model can be stored as {algo}")
         meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
         comfy.utils.save_torch_file(out, str(path), metadata=meta)
     else:  # bf16 and the weight_dtype formats: the file as built
