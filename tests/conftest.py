@@ -3,7 +3,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# The tests' models are tiny: threads buy nothing, and torch's default (one per core) oversubscribes a
+# machine that is running anything else (the suite once took 27 min that way, 49 s with one thread).
+torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -49,10 +49,10 @@ def fam(comfy, pack, models_dir, request):
         _LOADED.clear()
         # The host keeps every loaded model (on a CPU, in RAM): free the last family's before the next one, or
         # the opt-in families together pass 23 GB.
-        import comfy.model_management
+        from comfy import model_management  # (not "import comfy...": that would rebind the fixture's name)
 
-        comfy.model_management.unload_all_models()
-        comfy.model_management.soft_empty_cache()
+        model_management.unload_all_models()
+        model_management.soft_empty_cache()
         spec = flow_models.FAMILIES[name]
         path = models_dir / f"tiny_{name}.safetensors"
         if not path.exists():

@@ -85,9 +85,9 @@ def loaded_format(comfy, pack, files_dir, gguf_loader, sd15_ckpt_info, request):
     key = (family, fmt_name)
     if key not in _MODELS:
         _MODELS.clear()
-        import comfy.model_management
+        from comfy import model_management  # (not "import comfy...": that would rebind the fixture's name)
 
-        comfy.model_management.unload_all_models()
+        model_management.unload_all_models()
         sd = _state_dict(family, sd15_ckpt_info)
         ext = "gguf" if fmt.loader == "gguf" else "safetensors"
         path = weight_formats.write(fmt_name, sd, files_dir / f"{family}_{fmt_name}.{ext}", GGUF_ARCH[family])

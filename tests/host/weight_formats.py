@@ -33,7 +33,7 @@ class Format:
     name: str
     loader: str            # "unet" (stock UNETLoader) or "gguf" (ComfyUI-GGUF's UnetLoaderGGUF)
     weight_dtype: str = "default"
-    quantized: bool = True  # stored below 16 bits: a full fine-tune is refused
+    quantized: bool = True  # stored quantized or as a tensor subclass (GGUF): a full fine-tune is refused
 
 
 FORMATS = {f.name: f for f in [
@@ -44,7 +44,7 @@ FORMATS = {f.name: f for f in [
     Format("scaled_fp8", "unet"),
     *[Format(f"mixed_{algo}", "unet") for algo in ("float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "int8_tensorwise",
                                                     "convrot_w4a4", "asym_w4a8_int8")],
-    Format("gguf_f16", "gguf", quantized=False), Format("gguf_bf16", "gguf", quantized=False),
+    Format("gguf_f16", "gguf"), Format("gguf_bf16", "gguf"),  # GGMLTensor weights: no full fine-tune either
     Format("gguf_q8_0", "gguf"), Format("gguf_q5_1", "gguf"), Format("gguf_q4_0", "gguf"),
 ]}
 
