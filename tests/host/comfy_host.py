@@ -385,6 +385,27 @@ class HostSession:
     def load_pack(self, pack_dir: str | os.PathLike = REPO_ROOT, *, strict: bool = True) -> list[str]:
         return load_pack(pack_dir, strict=strict)
 
+    def save_and_reload_lora(self, model, lora, name: str):
+        """What a user does with the Fine-tune node's LORA_MODEL: stock Save LoRA Weights, the file moved into
+        models/loras, stock LoraLoaderModelOnly on ``model``. Returns (the MODEL it gives, the host's
+        "lora key not loaded" warnings while loading)."""
+        import shutil
+
+        import torch
+
+        call_node("SaveLoRA", lora=lora, prefix=f"loras/{name}")
+        saved = sorted((self.dirs["output"] / "loras").glob(f"{name}_*.safetensors"))[-1]
+        shutil.copy(saved, self.dirs["loras"] / saved.name)
+        self.folder_paths.filename_list_cache.clear()
+        cap = _Capture()
+        logging.getLogger().addHandler(cap)
+        try:
+            with torch.inference_mode():
+                stock = self.nodes.LoraLoaderModelOnly().load_lora_model_only(model, saved.name, 1.0)[0]
+        finally:
+            logging.getLogger().removeHandler(cap)
+        return stock, [m for m in cap.messages if "lora key not loaded" in m]
+
     def reset_executor(self) -> None:
         """A fresh PromptExecutor: forgets every cached output."""
         ex = self.host.execution

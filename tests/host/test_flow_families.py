@@ -7,9 +7,7 @@ parameters, 15-100 s each here): they run with IMAGIC_HOST_SLOW=1.
 """
 from __future__ import annotations
 
-import logging
 import os
-import shutil
 
 import pytest
 import torch
@@ -138,20 +136,13 @@ def test_both_stages_lower_the_familys_objective_and_the_base_is_untouched(comfy
 
 
 @families
-def test_saved_lora_loads_with_the_stock_loader_and_samples_like_the_node_model(comfy, pack, fam, caplog):
+def test_saved_lora_loads_with_the_stock_loader_and_samples_like_the_node_model(comfy, pack, fam):
     spec, model, cond, latent = fam
     C = pack["classes"]
     tuned, lora, _ = call(C["ImagicFinetuneUNet"], model=model, conditioning=cond, latent=latent, steps=4,
                           learning_rate=3e-3, seed=1, method="lora", rank=4, gradient_checkpointing=False)
-    call_node("SaveLoRA", lora=lora, prefix=f"loras/imagic_{spec.name}")
-    saved = sorted((comfy.dirs["output"] / "loras").glob(f"imagic_{spec.name}_*.safetensors"))[-1]
-    shutil.copy(saved, comfy.dirs["loras"] / saved.name)
-    comfy.folder_paths.filename_list_cache.clear()
-    with caplog.at_level(logging.WARNING), torch.inference_mode():
-        import nodes
-
-        stock = nodes.LoraLoaderModelOnly().load_lora_model_only(model, saved.name, 1.0)[0]
-    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    stock, not_loaded = comfy.save_and_reload_lora(model, lora, f"imagic_{spec.name}")
+    assert not not_loaded
     negative = [[torch.zeros_like(cond[0][0]), dict(cond[0][1])]]
     a, b = sample(tuned, cond, negative, latent), sample(stock, cond, negative, latent)
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 
 import numpy as np
 import pytest
@@ -141,18 +140,13 @@ def test_full_finetune_lowers_the_objective_too(comfy, pack, loaded, caplog):
     assert len(warned) == 1 and "full fine-tuning at learning rate 1e-4 " in warned[0], warned
 
 
-def test_saved_lora_loads_with_stock_loader_and_predicts_like_the_node_model(comfy, pack, loaded, caplog):
-    C, nodes = pack["classes"], comfy.nodes
+def test_saved_lora_loads_with_stock_loader_and_predicts_like_the_node_model(comfy, pack, loaded):
+    C = pack["classes"]
     tuned, lora, _ = call(C["ImagicFinetuneUNet"], model=loaded["model"], conditioning=loaded["target"],
                           latent=loaded["latent"], steps=8, learning_rate=3e-3, seed=1, method="lora", rank=4,
                           gradient_checkpointing=False)
-    call_node("SaveLoRA", lora=lora, prefix="loras/imagic_test")  # the stock "Save LoRA Weights" node
-    saved = sorted((comfy.dirs["output"] / "loras").glob("imagic_test_*.safetensors"))[-1]
-    shutil.copy(saved, comfy.dirs["loras"] / saved.name)  # what a user does: move it into models/loras
-    comfy.folder_paths.filename_list_cache.clear()
-    with caplog.at_level(logging.WARNING), torch.inference_mode():
-        stock = nodes.LoraLoaderModelOnly().load_lora_model_only(loaded["model"], saved.name, 1.0)[0]
-    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    stock, not_loaded = comfy.save_and_reload_lora(loaded["model"], lora, "imagic_test")
+    assert not not_loaded
     a = sample(comfy, tuned, loaded["target"], loaded["empty"], loaded["latent"])
     b = sample(comfy, stock, loaded["target"], loaded["empty"], loaded["latent"])
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
