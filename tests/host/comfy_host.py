@@ -394,7 +394,8 @@ class HostSession:
         import torch
 
         call_node("SaveLoRA", lora=lora, prefix=f"loras/{name}")
-        saved = sorted((self.dirs["output"] / "loras").glob(f"{name}_*.safetensors"))[-1]
+        # The saver's counter only: "x_*" would also match the files of a longer name "x_fast".
+        saved = sorted((self.dirs["output"] / "loras").glob(f"{name}_[0-9][0-9][0-9][0-9][0-9]_.safetensors"))[-1]
         shutil.copy(saved, self.dirs["loras"] / saved.name)
         self.folder_paths.filename_list_cache.clear()
         cap = _Capture()

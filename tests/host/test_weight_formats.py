@@ -96,10 +96,10 @@ def loaded_format(comfy, pack, files_dir, gguf_loader, sd15_ckpt_info, request):
                     (model,) = gguf_loader().load_unet(path.name)
                 else:
                     (model,) = call_node("UNETLoader", unet_name=path.name, weight_dtype=fmt.weight_dtype)
-            except ValueError as e:
+            except (ValueError, AttributeError) as e:  # 0.33 on a packed layout: detection reads packed shapes
                 if not fmt_name.startswith("mixed_"):
                     raise
-                pytest.skip(f"the host itself cannot load this {fmt_name} file on this device: {e}")
+                pytest.skip(f"the host itself cannot load this {fmt_name} file ({type(e).__name__}: {str(e)[:120]})")
         cond, latent = _inputs(family)
         if fmt_name.startswith("mixed_"):
             _host_runs_it_or_skip(model, cond, latent, fmt_name)
@@ -129,6 +129,10 @@ def _drop_models():
 
 
 CASES = [pytest.param((f, n), id=f"{f}-{n}") for f in FAMILIES for n in weight_formats.FORMATS]
+
+
+def request_id(model) -> str:
+    return type(model.model).__name__.lower()  # flux / basemodel: the saved LoRA's name per family
 
 
 def call(node_cls, **kw):
@@ -170,7 +174,7 @@ def test_both_stages_train_on_the_format_and_the_lora_reloads_on_the_same_base(c
     assert not weight_formats.same(before, weight_formats.fingerprint(model.model.diffusion_model)), \
         "the base must stay bit for bit in its stored format"
     # The LoRA as stock Save LoRA writes it, on the same quantized base with the stock loader.
-    stock, not_loaded = comfy.save_and_reload_lora(model, lora, f"imagic_{fmt.name}")
+    stock, not_loaded = comfy.save_and_reload_lora(model, lora, f"imagic_{request_id(model)}_{fmt.name}")
     assert not not_loaded
     for m in (tuned, stock):
         assert objective(pack, m, e_opt, latent, count=12) == pytest.approx(stage2, rel=1e-4)
