@@ -7,6 +7,7 @@
 * ``conditioning``: CONDITIONING <-> the core's embedding dict, both ways; the photo's latent.
 * ``progress``: the host's progress bar, node text and Cancel for the core's callbacks.
 * ``stages``: the two training stages as the nodes (and the speed benchmark) run them.
+* ``families``: the pack's verdict on each image family of the host (tested, untested, refused).
 * ``internals``: the one place that reaches into host internals with no public API.
 """
 from .conditioning import (check_family, conditioning_of, embedding_of, entry_of, latent_for, single_conditioning,
