@@ -16,10 +16,12 @@ from __future__ import annotations
 import contextlib
 import dis
 import functools
+import re
 import sys
 
 import torch
 
+from ...imagic import ImagicError
 from . import internals
 
 _NB_OPS = getattr(dis, "_nb_ops", None)  # BINARY_OP's operator names (Python 3.11+)
@@ -89,6 +91,11 @@ def writes_saved_tensors(forward, x: torch.Tensor, *args, **kwargs) -> bool:
     except RuntimeError as e:
         if "modified by an inplace operation" in str(e):
             return True
+        kernel = re.search(r"backward through (\S+) but no autograd formula", str(e))
+        if kernel:
+            raise ImagicError(f"this ComfyUI runs the model with a kernel gradients cannot pass through "
+                              f"({kernel.group(1)} has no backward), so Imagic cannot train it here: update "
+                              "ComfyUI (newer versions switch to autograd-safe kernels while training)") from None
         raise
     return False
 

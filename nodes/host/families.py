@@ -25,7 +25,8 @@ FAMILIES = {
     "Flux2": ("Flux.2 dev, Flux.2 Klein 4B/9B", TESTED, "flow; reference latents tested"),
     "Krea2": ("Krea 2", TESTED,
               "flow; reference latents (index, index_timestep_zero) tested; the real 30720-wide text side opt-in"),
-    "HunyuanImage21": ("HunyuanImage 2.1", TESTED, "flow, shift 5"),
+    "HunyuanImage21": ("HunyuanImage 2.1", TESTED, "flow, shift 5; on ComfyUI 0.8 its rope kernel has no backward: "
+                                                     "refused there with that reason"),
     "QwenImage": ("Qwen-Image, Qwen-Image-Edit", OPT_IN, "flow; 380M at the smallest detectable size"),
     "Lumina2": ("Lumina Image 2.0", OPT_IN, "flow, shift 6; 427M"),
     "ZImage": ("Z-Image (Turbo, Base)", OPT_IN, "flow, shift 3; 909M"),

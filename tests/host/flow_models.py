@@ -272,13 +272,10 @@ def detect(sd: dict):
     return (type(mc).__name__ if mc is not None else "None"), cfg
 
 
-def build(spec: FlowFamily | str, path, seed: int = 0) -> FlowModelInfo:
-    """Write ``path`` (.safetensors) for the family; assert the host detects it as intended."""
-    import comfy.utils
+def detected_state_dict(spec: FlowFamily | str, seed: int = 0):
+    """``state_dict(spec, seed)``, checked to be detected by this host as the family with its config
+    (AssertionError for another class, NotOnThisHost where the host reads other sizes)."""
     spec = FAMILIES[spec] if isinstance(spec, str) else spec
-    t0 = time.perf_counter()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd, mc, sampling = state_dict(spec, seed)
     got_class, got_cfg = detect(sd)
     if got_class != spec.model_class:
@@ -287,6 +284,18 @@ def build(spec: FlowFamily | str, path, seed: int = 0) -> FlowModelInfo:
     if diff:
         raise NotOnThisHost(f"this host's detection reads a different config for a tiny {spec.name} "
                             f"(wanted, got): {diff}")
+    return sd, mc, sampling
+
+
+def build(spec: FlowFamily | str, path, seed: int = 0) -> FlowModelInfo:
+    """Write ``path`` (.safetensors) for the family; assert the host detects it as intended."""
+    import comfy.utils
+    spec = FAMILIES[spec] if isinstance(spec, str) else spec
+    t0 = time.perf_counter()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd, mc, sampling = detected_state_dict(spec, seed)
+    got_class = type(mc).__name__
     tmp = path.with_name(path.name + ".part")
     comfy.utils.save_torch_file(sd, str(tmp), metadata={"imagic_test": "tiny random weights"})
     os.replace(tmp, path)

@@ -546,6 +546,27 @@ def test_augmented_assignments_go_out_of_place_only_while_training(pack):
 
     assert not safety.writes_saved_tensors(safety.autograd_safe(residual), x), "the mode makes += safe"
     assert safety.writes_saved_tensors(safety.autograd_safe(explicit_call), x)
+    # A host kernel with no backward (ComfyUI 0.8's comfy_kitchen rope for HunyuanImage 2.1): a clear refusal.
+    with pytest.raises(Exception, match="imagic_test.no_backward.* has no backward.* update ComfyUI"):
+        safety.writes_saved_tensors(lambda t: _no_backward_op()(t) + 1, x)
+
+
+_NO_BACKWARD = []
+
+
+def _no_backward_op():
+    """A custom op with no autograd formula, registered once per session."""
+    if not _NO_BACKWARD:
+        @torch.library.custom_op("imagic_test::no_backward", mutates_args=())
+        def no_backward(t: torch.Tensor) -> torch.Tensor:
+            return t * 2
+
+        @no_backward.register_fake
+        def _(t):
+            return torch.empty_like(t)
+
+        _NO_BACKWARD.append(no_backward)
+    return _NO_BACKWARD[0]
 
 
 def test_the_out_of_place_mode_is_off_where_the_probe_finds_no_in_place_write(comfy, pack, loaded):
