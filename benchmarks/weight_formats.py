@@ -38,13 +38,13 @@ LATENT = 32
 def worker(fmt: str, folder: str, steps: int) -> dict:
     import torch
 
+    from speed.host_worker import pack_host
     from speed.measure import StageMeter, rss_gb
     from tests.host import comfy_host, flow_models, weight_formats
 
     torch.set_num_threads(1)
     comfy_host.import_host(tempfile.mkdtemp())
     comfy_host.load_pack()
-    import comfy.utils  # noqa: F401
     import folder_paths
     import nodes
 
@@ -70,7 +70,7 @@ def worker(fmt: str, folder: str, steps: int) -> dict:
     n_params = sum(p.numel() for p in model.model.diffusion_model.parameters())
     after_load = rss_gb()
     cond, latent = flow_models.conditioning(spec, seed=1), flow_models.latent(spec, seed=2)
-    train = sys.modules[nodes.NODE_CLASS_MAPPINGS["ImagicFinetuneUNet"].__module__.rsplit(".", 1)[0] + ".host"]
+    train = pack_host(nodes)
     out = dict(format=fmt, file_mb=round(path.stat().st_size / 2**20, 1), stored_params=n_params,
                rss_after_load_gb=round(after_load, 3))
     for stage in ("embedding", "finetune"):

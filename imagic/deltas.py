@@ -60,10 +60,15 @@ FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "
                    if hasattr(torch, n))
 
 
+def is_tensor_subclass(t: torch.Tensor) -> bool:
+    """A tensor subclass such as the host's QuantizedTensor or ComfyUI-GGUF's GGMLTensor: its storage is an
+    encoding of its values, not the values."""
+    return type(t) not in (torch.Tensor, nn.Parameter)
+
+
 def quantized_weights(module: nn.Module) -> List[str]:
     """Names of the parameters stored quantized: fp8 dtypes, or a tensor subclass (QuantizedTensor, GGUF)."""
-    return [name for name, p in module.named_parameters()
-            if p.dtype in FP8_DTYPES or type(p) not in (torch.Tensor, nn.Parameter)]
+    return [name for name, p in module.named_parameters() if p.dtype in FP8_DTYPES or is_tensor_subclass(p)]
 
 
 def full_target_shapes(module: nn.Module) -> Dict[str, torch.Size]:

@@ -37,6 +37,11 @@ def import_host(cuda: bool):
 
     if not asyncio.run(nodes.load_custom_node(str(ROOT))) or "ImagicFinetuneUNet" not in nodes.NODE_CLASS_MAPPINGS:
         raise RuntimeError(f"ComfyUI could not load {ROOT} as a node pack (the host's log on stderr says why)")
+    return pack_host(nodes)
+
+
+def pack_host(nodes):
+    """The pack's ``nodes.host`` package as the host loaded it (under the module name the host gave the pack)."""
     node_module = nodes.NODE_CLASS_MAPPINGS["ImagicFinetuneUNet"].__module__  # <pack>.nodes.nodes_train
     return importlib.import_module(node_module.rsplit(".", 1)[0] + ".host")
 

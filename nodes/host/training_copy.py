@@ -19,6 +19,7 @@ import torch
 import comfy.utils
 
 from ...imagic import ImagicError
+from ...imagic.deltas import is_tensor_subclass
 from . import internals
 
 
@@ -40,7 +41,7 @@ def _private(t: torch.Tensor, parameter: bool) -> torch.Tensor:
     numbers), and its layer only ever reads it through its own dequantization into a new tensor, so
     autograd never saves it and nothing writes it.
     """
-    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+    if is_tensor_subclass(t):
         return t
     return torch.nn.Parameter(_alias(t), requires_grad=False) if parameter else _alias(t)
 

@@ -134,7 +134,7 @@ def _drop_models():
 CASES = [pytest.param((f, n), id=f"{f}-{n}") for f in FAMILIES for n in weight_formats.FORMATS]
 
 
-def request_id(model) -> str:
+def family_of(model) -> str:
     return type(model.model).__name__.lower()  # flux / basemodel: the saved LoRA's name per family
 
 
@@ -177,7 +177,7 @@ def test_both_stages_train_on_the_format_and_the_lora_reloads_on_the_same_base(c
     assert not weight_formats.same(before, weight_formats.fingerprint(model.model.diffusion_model)), \
         "the base must stay bit for bit in its stored format"
     # The LoRA as stock Save LoRA writes it, on the same quantized base with the stock loader.
-    stock, not_loaded = comfy.save_and_reload_lora(model, lora, f"imagic_{request_id(model)}_{fmt.name}")
+    stock, not_loaded = comfy.save_and_reload_lora(model, lora, f"imagic_{family_of(model)}_{fmt.name}")
     assert not not_loaded
     for m in (tuned, stock):
         assert objective(pack, m, e_opt, latent, count=12) == pytest.approx(stage2, rel=1e-4)
