@@ -111,10 +111,38 @@ def changes_the_result(forward, x: torch.Tensor, *args, **kwargs) -> bool:
     return not torch.allclose(as_written, out_of_place.detach(), rtol=1e-4, atol=1e-5)
 
 
+class Checkpointing:
+    """The blocks ``checkpointed`` wrapped, and a way to run the network without the wrapping for a while."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks  # (module, its forward as checkpointed, its own instance forward or None)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Every block runs its forward directly meanwhile. The probe for in-place writes needs this: inside a
+        checkpointed block autograd keeps no saved tensors, so a write of one goes unseen, and the block's
+        recomputation in the backward pass then reads the written values (silently wrong gradients)."""
+        for m, _, own in self.blocks:
+            _restore(m, own)
+        try:
+            yield
+        finally:
+            for m, wrapped, _ in self.blocks:
+                m.forward = wrapped
+
+
+def _restore(m, own):
+    if own is None:
+        m.__dict__.pop("forward", None)
+    else:
+        m.forward = own
+
+
 @contextlib.contextmanager
 def checkpointed(network: torch.nn.Module, when=lambda: True):
     """Gradient checkpointing on the network's highest modules with a forward (the host trainer's choice),
-    each block's forward autograd-safe while ``when()`` holds; every module is as before afterwards."""
+    each block's forward autograd-safe while ``when()`` holds; every module is as before afterwards.
+    Yields a ``Checkpointing`` (``paused()`` runs the network unwrapped)."""
     find, patch, unpatch = internals.checkpointing_helpers()
     done = []
     try:
@@ -122,12 +150,9 @@ def checkpointed(network: torch.nn.Module, when=lambda: True):
             own = m.__dict__.get("forward")  # an instance forward, or None for the class's
             m.forward = autograd_safe(m.forward, when)
             patch(m)
-            done.append((m, own))
-        yield
+            done.append((m, m.forward, own))
+        yield Checkpointing(done)
     finally:
-        for m, own in reversed(done):
+        for m, _, own in reversed(done):
             unpatch(m)
-            if own is None:
-                del m.forward
-            else:
-                m.forward = own
+            _restore(m, own)

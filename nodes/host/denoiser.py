@@ -43,6 +43,7 @@ class ComfyDenoiser:
         # Whether the model code writes tensors autograd saved (Flux's x += ...), so training must run
         # it out of place: found out by a probe at the first training call (None: not yet).
         self.out_of_place = None
+        self.checkpointing = None  # the Checkpointing while the blocks are checkpointed
 
     # -- Denoiser protocol ---------------------------------------------------------------
     def sample_timesteps(self, n, generator):
@@ -82,7 +83,12 @@ class ComfyDenoiser:
 
     def _needs_out_of_place(self, x_in, s, c) -> bool:
         """The first call with gradients: does the model write tensors autograd saved (then it trains under
-        ``OutOfPlaceAugmented``), and if so, does the mode keep its output (else it is refused)?"""
+        ``OutOfPlaceAugmented``), and if so, does the mode keep its output (else it is refused)? Checkpointing
+        is paused meanwhile: inside a checkpointed block no write of a saved tensor can be seen."""
+        with self.checkpointing.paused() if self.checkpointing is not None else contextlib.nullcontext():
+            return self._probe(x_in, s, c)
+
+    def _probe(self, x_in, s, c) -> bool:
         if not writes_saved_tensors(self.base.apply_model, x_in, s, **c):
             return False
         if writes_saved_tensors(autograd_safe(self.base.apply_model), x_in, s, **c):
@@ -145,7 +151,7 @@ class ComfyDenoiser:
                     # Some models switch to autograd-safe kernels while this is set.
                     stack.enter_context(internals.in_training())
                     if gradient_checkpointing:
-                        stack.enter_context(checkpointed(self.base.diffusion_model, when))
+                        self.checkpointing = stack.enter_context(checkpointed(self.base.diffusion_model, when))
                     yield self
             finally:
                 self.unload()
@@ -155,5 +161,5 @@ class ComfyDenoiser:
             return
         internals.unload_where(lambda p: p is self.patcher)
         self.patcher.unpatch_model()
-        self.patcher = self.base = self._apply_model = None
+        self.patcher = self.base = self._apply_model = self.checkpointing = None
         comfy.model_management.soft_empty_cache()

@@ -143,6 +143,32 @@ def test_both_stages_lower_the_familys_objective_and_the_base_is_untouched(comfy
         assert torch.equal(v, state[k]), f"base weight {k} changed"
 
 
+def gradients(pack, model, cond, latent, checkpointing: bool):
+    """(output, d/d latent, d/d context) of one prediction through the training copy, as a training step sees them."""
+    host = pack["host"]
+    tensor, extra = cond[0][0], cond[0][1]
+    den = host.ComfyDenoiser(model, extra, *host.conditioning.image_size(extra, latent))
+    with torch.inference_mode(False), den.loaded(checkpointing):
+        x0 = host.conditioning.latent_for(model, latent)
+        e = {k: v.detach().clone().requires_grad_(True) for k, v in host.conditioning.text_embedding(den, tensor, extra).items()}
+        x = (x0 + 0.5 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+        out = den.predict(x, torch.tensor([0.5]), e)
+        out.float().pow(2).sum().backward()
+        return out.detach(), x.grad, e["context"].grad, den.out_of_place
+
+
+@families
+def test_gradient_checkpointing_gives_the_gradients_of_the_plain_forward(pack, fam):
+    """Checkpointed blocks run their forward again in the backward pass: a block that wrote its own input in
+    place (Flux's ``img += ...``) would then recompute from the written values. The in-place probe runs with
+    checkpointing paused so it sees such writes, and the blocks then run out of place: same gradients."""
+    spec, model, cond, latent = fam
+    plain, ckpt = gradients(pack, model, cond, latent, False), gradients(pack, model, cond, latent, True)
+    assert plain[3] == ckpt[3], "the in-place probe must decide the same with checkpointing"
+    for name, a, b in zip(("output", "d/d latent", "d/d context"), plain[:3], ckpt[:3]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @families
 def test_saved_lora_loads_with_the_stock_loader_and_samples_like_the_node_model(comfy, pack, fam):
     spec, model, cond, latent = fam
