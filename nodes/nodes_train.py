@@ -31,6 +31,14 @@ def _common_inputs(cond_tooltip, steps_default, lr_default, lr_tooltip):
     ]
 
 
+def _checkpointing_input(optional=False):
+    # Optional where it came later (Optimize Embedding): API prompts saved before it still run.
+    return io.Boolean.Input("gradient_checkpointing", default=True, optional=optional,
+                            tooltip="Recompute each block's activations in the backward pass: much less memory "
+                                    "(needed for large models at 1024 px, and when weights do not all fit on the GPU), "
+                                    "one more forward pass of each block per step.")
+
+
 class ImagicOptimizeEmbedding(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -44,7 +52,7 @@ class ImagicOptimizeEmbedding(io.ComfyNode):
                         "denoising loss. The model is not changed.",
             inputs=_common_inputs("The target text (e.g. 'a photo of a sitting dog') from CLIP Text Encode: e_tgt.",
                                   DEFAULTS["embedding_steps"], DEFAULTS["lr_embedding"],
-                                  "Adam learning rate for the embedding (paper: 2e-3)."),
+                                  "Adam learning rate for the embedding (paper: 2e-3).") + [_checkpointing_input(optional=True)],
             outputs=[
                 io.Conditioning.Output("optimized", display_name="optimized", tooltip="e_opt: same structure and keys as the input."),
                 io.LossMap.Output("loss", display_name="loss", tooltip="Loss per step, for the Plot Loss Graph node."),
@@ -53,9 +61,11 @@ class ImagicOptimizeEmbedding(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, conditioning, latent, steps, learning_rate, seed) -> io.NodeOutput:
+    def execute(cls, model, conditioning, latent, steps, learning_rate, seed,
+                gradient_checkpointing=True) -> io.NodeOutput:
         e_opt, losses = optimize_embedding_stage(model, conditioning, latent, steps=steps, lr=learning_rate,
-                                                 seed=seed, node_id=_node_id(cls))
+                                                 seed=seed, gradient_checkpointing=gradient_checkpointing,
+                                                 node_id=_node_id(cls))
         return io.NodeOutput(e_opt, {"loss": losses})
 
 
@@ -78,8 +88,7 @@ class ImagicFinetuneUNet(io.ComfyNode):
                                tooltip="lora: low-rank adapters on every linear and conv layer (fast, small). "
                                        "full: all weights (the paper's setting, slow and large)."),
                 io.Int.Input("rank", default=DEFAULTS["rank"], min=1, max=256, tooltip="LoRA rank (ignored by full)."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute activations in the backward pass: much less memory, a bit slower."),
+                _checkpointing_input(),
             ],
             outputs=[
                 io.Model.Output("finetuned_model", display_name="model", tooltip="The fine-tuned model: a patched clone of the input MODEL."),

@@ -141,7 +141,7 @@ def test_readme_python_example_uses_the_defaults_of_the_api_it_calls():
 # Widget values in the order the nodes declare their inputs (nodes/nodes_train.py, nodes_conditioning.py);
 # a seed widget is followed by its control_after_generate value.
 WIDGETS = {
-    "ImagicOptimizeEmbedding": ("steps", "learning_rate", "seed", "control", ),
+    "ImagicOptimizeEmbedding": ("steps", "learning_rate", "seed", "control", "gradient_checkpointing"),
     "ImagicFinetuneUNet": ("steps", "learning_rate", "seed", "control", "method", "rank", "gradient_checkpointing"),
     "ImagicInterpolateConditioning": ("eta",),
     "ImagicEtaSweep": ("etas",),
@@ -150,11 +150,12 @@ WIDGETS = {
 
 def expected_widgets(node_type: str, values: dict) -> dict:
     if node_type == "ImagicOptimizeEmbedding":
-        return dict(steps=DEFAULTS["embedding_steps"], learning_rate=DEFAULTS["lr_embedding"], seed=DEFAULTS["seed"])
+        return dict(steps=DEFAULTS["embedding_steps"], learning_rate=DEFAULTS["lr_embedding"], seed=DEFAULTS["seed"],
+                    gradient_checkpointing=True)
     if node_type == "ImagicFinetuneUNet":
         # A workflow may choose full; its learning rate must then be full's.
         return dict(steps=DEFAULTS["finetune_steps"], learning_rate=lr_finetune_default(values["method"]),
-                    seed=DEFAULTS["seed"], method=DEFAULTS["method"], rank=DEFAULTS["rank"])
+                    seed=DEFAULTS["seed"], method=DEFAULTS["method"], rank=DEFAULTS["rank"], gradient_checkpointing=True)
     if node_type == "ImagicInterpolateConditioning":
         return dict(eta=DEFAULTS["eta"])
     return dict(etas=ETA_SWEEP)

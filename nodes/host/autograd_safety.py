@@ -20,8 +20,10 @@ import re
 import sys
 
 import torch
+import torch.utils.checkpoint
 
 from ...imagic import ImagicError
+from ...imagic.deltas import is_linear, is_tensor_subclass
 from . import internals
 
 _NB_OPS = getattr(dis, "_nb_ops", None)  # BINARY_OP's operator names (Python 3.11+)
@@ -109,6 +111,55 @@ def changes_the_result(forward, x: torch.Tensor, *args, **kwargs) -> bool:
     with torch.enable_grad(), OutOfPlaceAugmented():
         out_of_place = forward(x.detach().requires_grad_(True), *args, **kwargs).float()
     return not torch.allclose(as_written, out_of_place.detach(), rtol=1e-4, atol=1e-5)
+
+
+LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def weight_made_per_call(layer: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether the layer computes with a new tensor made from its stored weight at this call, rather than the
+    stored weight itself: a quantized encoding (fp8 with a scale, mixed precision, GGUF) dequantized, a weight
+    cast to the input's dtype or moved to its device (fp8 weight dtypes, weights the host streams from the
+    CPU), or patched on the fly (an upstream LoRA on a streamed layer). Autograd would keep that tensor for
+    the backward pass: one full-precision copy of the model over all layers."""
+    w = layer._parameters.get("weight")
+    if w is None:
+        return False
+    return (is_tensor_subclass(w) or w.dtype != x.dtype or w.device != x.device
+            or bool(getattr(layer, "weight_function", None)))
+
+
+@contextlib.contextmanager
+def weights_made_again(network: torch.nn.Module):
+    """Every frozen Linear/Conv of the network whose weight is made per call (``weight_made_per_call``) keeps
+    only its input for the backward pass and makes the weight again there: the memory of
+    quantized or streamed weights stays one layer's, at the cost of one more forward of those layers in the
+    backward pass. A layer with a trained tensor (a full fine-tune's weight) runs as written."""
+    done = []
+
+    def wrap(layer, forward):
+        @functools.wraps(forward)
+        def made_again(x, *args, **kwargs):
+            if (args or kwargs or not torch.is_grad_enabled() or not x.requires_grad
+                    or not weight_made_per_call(layer, x) or layer.weight.requires_grad
+                    or (layer.bias is not None and layer.bias.requires_grad)):
+                return forward(x, *args, **kwargs)
+            # Per-layer checkpointing, like the host trainer's OffloadCheckpointFunction for offloaded weights;
+            # torch's own form, since the model code may write views of a layer's output in place, which a
+            # custom Function's output refuses. No random numbers in a layer: no RNG state to keep.
+            return torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False, preserve_rng_state=False)
+        return made_again
+
+    try:
+        for m in network.modules():
+            if isinstance(m, LAYERS) or (is_linear(m) and hasattr(m, "forward")):
+                own = m.__dict__.get("forward")
+                m.forward = wrap(m, m.forward)
+                done.append((m, own))
+        yield
+    finally:
+        for m, own in reversed(done):
+            _restore(m, own)
 
 
 class Checkpointing:

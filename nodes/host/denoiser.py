@@ -19,7 +19,7 @@ import comfy.model_management
 from ...imagic import ImagicError
 from ...imagic.deltas import applied
 from . import internals
-from .autograd_safety import autograd_safe, changes_the_result, checkpointed, writes_saved_tensors
+from .autograd_safety import autograd_safe, changes_the_result, checkpointed, weights_made_again, writes_saved_tensors
 from .conditioning import POOLED, entry_of
 from .kinds import prediction_type_of, training_sigmas
 from .training_copy import training_model
@@ -39,6 +39,8 @@ class ComfyDenoiser:
         self.patcher = self.base = self._apply_model = None
         self.owns_weights = False  # whether the training copy's weights are its own memory
         self.reload = None  # training_model's choice (tests force one)
+        self.weights_on_device = None  # bytes of weights to keep loaded (tests force partial loading with it)
+        self.offloaded_bytes = 0  # bytes of the training copy's weights streamed from RAM (set by loaded())
         self.device = comfy.model_management.get_torch_device()
         # Whether the model code writes tensors autograd saved (Flux's x += ...), so training must run
         # it out of place: found out by a probe at the first training call (None: not yet).
@@ -135,8 +137,15 @@ class ComfyDenoiser:
                                                        height=self.height) is not None
 
     @contextlib.contextmanager
-    def loaded(self, gradient_checkpointing: bool = False):
-        """Make and load the training copy; always undo checkpointing, unload it and drop it."""
+    def loaded(self, gradient_checkpointing: bool = False, memory_required: int = 0):
+        """Make and load the training copy; always undo checkpointing, unload it and drop it.
+
+        Loading is the host's own, as for sampling: ``memory_required`` (bytes the training step needs
+        beside the weights: the estimate) is kept free, and weights that do not fit beside it stay in RAM
+        and are streamed to the GPU layer by layer when the layer runs (the host's partial loading). A
+        streamed weight is made again in the backward pass (``weights_made_again``), never kept for it.
+        ``offloaded_bytes`` says how much of the model streams.
+        """
         def when():
             return bool(self.out_of_place)
 
@@ -147,9 +156,15 @@ class ComfyDenoiser:
                     self.base = self.patcher.model
                     self.base.requires_grad_(False)
                     self._apply_model = autograd_safe(self.base.apply_model, when)
-                    comfy.model_management.load_models_gpu([self.patcher], memory_required=0, force_full_load=True)
+                    comfy.model_management.load_models_gpu([self.patcher], memory_required=memory_required,
+                                                           minimum_memory_required=memory_required)
+                    if self.weights_on_device is not None:  # tests: the partial loading a small GPU would get
+                        self.patcher.partially_unload(self.patcher.offload_device,
+                                                      self.patcher.loaded_size() - self.weights_on_device)
+                    self.offloaded_bytes = self.patcher.model_size() - self.patcher.loaded_size()
                     # Some models switch to autograd-safe kernels while this is set.
                     stack.enter_context(internals.in_training())
+                    stack.enter_context(weights_made_again(self.base.diffusion_model))
                     if gradient_checkpointing:
                         self.checkpointing = stack.enter_context(checkpointed(self.base.diffusion_model, when))
                     yield self

@@ -50,12 +50,13 @@ def _notes(*notes):
     return "\n".join(n for n in notes if n) or None
 
 
-def optimize_embedding_stage(model, conditioning, latent, *, steps: int, lr: float, seed: int, node_id=None,
-                             adam: str = "fast", on_start=None, on_step=None):
+def optimize_embedding_stage(model, conditioning, latent, *, steps: int, lr: float, seed: int,
+                             gradient_checkpointing: bool = False, node_id=None, adam: str = "fast", on_start=None,
+                             on_step=None):
     """Stage 1 on a MODEL: (e_opt as a CONDITIONING with the input's keys, loss per step). The MODEL is not changed."""
     tensor, extra, den = prepare(model, conditioning, latent, "the conditioning")
     progress = NodeProgress(max(steps, 1), node_id, "embedding", note=family_warning(model), also=on_step)
-    with den.loaded():
+    with den.loaded(gradient_checkpointing):
         x0 = latent_for(model, latent).to(den.device)
         e_tgt = text_embedding(den, tensor, extra)
         if on_start is not None:

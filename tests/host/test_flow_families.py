@@ -47,6 +47,9 @@ def fam(comfy, pack, models_dir, request):
         _LOADED.clear()
         # The host keeps every loaded model (on a CPU, in RAM): free the last family's before the next one, or
         # the opt-in families together pass 23 GB.
+        import gc
+
+        gc.collect()  # (the host's finalizers edit its loaded-model list: not during unload_all_models' walk)
         from comfy import model_management  # (not "import comfy...": that would rebind the fixture's name)
 
         model_management.unload_all_models()
@@ -143,18 +146,20 @@ def test_both_stages_lower_the_familys_objective_and_the_base_is_untouched(comfy
         assert torch.equal(v, state[k]), f"base weight {k} changed"
 
 
-def gradients(pack, model, cond, latent, checkpointing: bool):
-    """(output, d/d latent, d/d context) of one prediction through the training copy, as a training step sees them."""
+def gradients(pack, model, cond, latent, checkpointing: bool, weights_on_device=None):
+    """(output, d/d latent, d/d context, out-of-place, bytes streamed) of one prediction through the training copy,
+    as a training step sees them."""
     host = pack["host"]
     tensor, extra = cond[0][0], cond[0][1]
     den = host.ComfyDenoiser(model, extra, *host.conditioning.image_size(extra, latent))
+    den.weights_on_device = weights_on_device
     with torch.inference_mode(False), den.loaded(checkpointing):
         x0 = host.conditioning.latent_for(model, latent)
         e = {k: v.detach().clone().requires_grad_(True) for k, v in host.conditioning.text_embedding(den, tensor, extra).items()}
         x = (x0 + 0.5 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
         out = den.predict(x, torch.tensor([0.5]), e)
         out.float().pow(2).sum().backward()
-        return out.detach(), x.grad, e["context"].grad, den.out_of_place
+        return out.detach(), x.grad, e["context"].grad, den.out_of_place, den.offloaded_bytes
 
 
 @families
@@ -167,6 +172,27 @@ def test_gradient_checkpointing_gives_the_gradients_of_the_plain_forward(pack, f
     assert plain[3] == ckpt[3], "the in-place probe must decide the same with checkpointing"
     for name, a, b in zip(("output", "d/d latent", "d/d context"), plain[:3], ckpt[:3]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@families
+def test_weights_streamed_from_ram_give_the_same_training_step(comfy, pack, fam):
+    """A model larger than the GPU trains with the host's partial loading: the weights that do not fit stay in
+    RAM and are streamed layer by layer (an upstream LoRA applied as they stream), and each is made again in
+    the backward pass instead of kept. On a CPU the host never needs to; ``weights_on_device`` makes it (the
+    host's own ``partially_unload``), and the step must be the one of the fully loaded model."""
+    spec, model, cond, latent = fam
+    state = {k: v.clone() for k, v in model.model.state_dict().items()}
+    tuned, _, _ = call(pack["classes"]["ImagicFinetuneUNet"], model=model, conditioning=cond, latent=latent, steps=2,
+                       learning_rate=3e-2, seed=0, method="lora", rank=4, gradient_checkpointing=False)
+    full = gradients(pack, tuned, cond, latent, True)
+    assert full[4] == 0
+    for kept in (0, tuned.model_size() // 2):
+        streamed = gradients(pack, tuned, cond, latent, True, weights_on_device=kept)
+        assert streamed[4] > tuned.model_size() // 3, "the host must have left weights in RAM"
+        for name, a, b in zip(("output", "d/d latent", "d/d context"), full[:3], streamed[:3]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, n=name, k=kept: f"{n}, {k} B kept: {m}")
+    for k, v in model.model.state_dict().items():  # streaming and the LoRA never wrote the shared weights
+        assert torch.equal(v, state[k]), f"base weight {k} changed"
 
 
 @families

@@ -86,6 +86,11 @@ def loaded_format(comfy, pack, files_dir, gguf_loader, sd15_ckpt_info, request):
     key = (family, fmt_name)
     if key not in _MODELS:
         _MODELS.clear()
+        # The host's finalizers drop entries of its loaded-model list when a model is collected: let that happen
+        # now, not in the middle of unload_all_models' walk over the list (an IndexError in the host).
+        import gc
+
+        gc.collect()
         from comfy import model_management  # (not "import comfy...": that would rebind the fixture's name)
 
         model_management.unload_all_models()
@@ -199,3 +204,42 @@ def test_full_finetune_on_a_quantized_base_is_refused_with_the_way_out(pack, loa
         call(pack["classes"]["ImagicFinetuneUNet"], model=model, conditioning=cond, latent=latent, steps=2,
              learning_rate=5e-7, seed=0, method="full", rank=4, gradient_checkpointing=False)
     assert not weight_formats.same(before, weight_formats.fingerprint(model.model.diffusion_model))
+
+
+def _saved_weight_copies(pack, model, cond, latent, checkpointing: bool) -> list:
+    """The tensors autograd keeps for the backward pass of one stage-1 prediction through the training copy that
+    have the shape of a layer's weight (or its transpose) and are not a stored parameter: weight copies."""
+    host = pack["host"]
+    tensor, extra = cond[0][0], cond[0][1]
+    shapes = {tuple(s) for s in pack["deltas"].lora_target_shapes(model.model.diffusion_model).values()}
+    shapes |= {s[::-1] for s in shapes}
+    den = host.ComfyDenoiser(model, extra, *host.conditioning.image_size(extra, latent))
+    copies = {}
+
+    def pack_hook(t):
+        if type(t) in (torch.Tensor, torch.nn.Parameter) and tuple(t.shape) in shapes:
+            copies[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        return t
+
+    with torch.inference_mode(False), den.loaded(checkpointing):
+        x0 = host.conditioning.latent_for(model, latent)
+        e = {k: v.detach().clone().requires_grad_(True)
+             for k, v in host.conditioning.text_embedding(den, tensor, extra).items()}
+        den.predict(x0 + 0.5, torch.tensor([0.5]), e)  # the first call runs the in-place probe
+        stored = {p.untyped_storage().data_ptr() for p in den.base.parameters()
+                  if type(p) in (torch.Tensor, torch.nn.Parameter)}
+        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+            out = den.predict(x0 + 0.5, torch.tensor([0.5]), e)
+        out.float().sum().backward()
+    return [shape for ptr, shape in copies.items() if ptr not in stored]
+
+
+@pytest.mark.parametrize("loaded_format", [c for c in CASES if weight_formats.FORMATS[c.values[0][1]].quantized],
+                         indirect=True)
+def test_training_keeps_no_dequantized_copy_of_the_weights(pack, loaded_format):
+    """Quantized weights are read as inference reads them, one layer at a time: a layer's dequantized weight is
+    made again in the backward pass, not kept for it (that was one full-precision copy of the model in stage 1)."""
+    fmt, model, cond, latent = loaded_format
+    for checkpointing in (False, True):
+        copies = _saved_weight_copies(pack, model, cond, latent, checkpointing)
+        assert not copies, (fmt.name, checkpointing, len(copies), copies[:3])
