@@ -84,14 +84,16 @@ def peer_sample(unet, text_encoder, tokenizer, vae, scheduler, e_tgt, e_opt, alp
 
 
 def measured(fn):
-    """Wall time and peak RSS of one call (the kernel's peak counter reset just before it)."""
+    """Wall time, process CPU time (less sensitive to other jobs on a shared machine) and peak RSS of one
+    call (the kernel's peak counter reset just before it)."""
     reset_peak_rss()
     before = rss_gb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = maxrss_gb()
-    return out, dict(s=round(seconds, 3), peak_gb=round(peak, 3), peak_increment_gb=round(peak - before, 3))
+    return out, dict(s=round(seconds, 3), cpu_s=round(cpu, 3), peak_gb=round(peak, 3),
+                     peak_increment_gb=round(peak - before, 3))
 
 
 def trained_delta(method, unet, seed=0):
@@ -158,14 +160,16 @@ def run(args) -> dict:
                 for who in order:
                     _, calls[who] = measured(partial(peer, steps) if who == "peer" else partial(project, result, steps))
                 calls["ratio"] = round(calls["project"]["s"] / calls["peer"]["s"], 4)
+                calls["cpu_ratio"] = round(calls["project"]["cpu_s"] / calls["peer"]["cpu_s"], 4)
                 rounds.append(calls)
                 print(f"{method} {steps} steps round {r + 1}: peer {calls['peer']['s']:.2f} s, project "
-                      f"{calls['project']['s']:.2f} s, ratio {calls['ratio']:.3f}; peak +GB peer "
+                      f"{calls['project']['s']:.2f} s, ratio {calls['ratio']:.3f} (CPU time {calls['cpu_ratio']:.3f}); peak +GB peer "
                       f"{calls['peer']['peak_increment_gb']:.2f}, project {calls['project']['peak_increment_gb']:.2f}",
                       flush=True)
-            ratios = [c["ratio"] for c in rounds]
+            ratios, cpu_ratios = [c["ratio"] for c in rounds], [c["cpu_ratio"] for c in rounds]
             rows[str(steps)] = dict(rounds=rounds, ratio_median=statistics.median(ratios), ratio_min=min(ratios),
-                                    ratio_max=max(ratios),
+                                    ratio_max=max(ratios), cpu_ratio_median=statistics.median(cpu_ratios),
+                                    cpu_ratio_min=min(cpu_ratios), cpu_ratio_max=max(cpu_ratios),
                                     peer_s_median=statistics.median(c["peer"]["s"] for c in rounds),
                                     project_s_median=statistics.median(c["project"]["s"] for c in rounds),
                                     peer_peak_gb=max(c["peer"]["peak_gb"] for c in rounds),
@@ -197,7 +201,8 @@ def markdown(report: dict) -> str:
              "fine-tune is written into the weights); the project applies the trained delta to the untouched "
              "base. Calls alternate within each round; ratio = project time / peer time in that round. "
              "Peak +GB: peak RSS during the call minus the RSS before it. Per step / per call: from the medians "
-             "of the two call lengths.", ""]
+             "of the two call lengths (wall time). The CPU-time ratio uses the process CPU time of the same calls: "
+             "other jobs on a shared machine slow the wall clock of both sides, the CPU time less.", ""]
     for label, run_ in report["runs"].items():
         m = run_["machine"]
         lines += [f"#### {label} (commit {run_['commit']})", "",
@@ -207,8 +212,8 @@ def markdown(report: dict) -> str:
                   f"With the same weights (no delta) the two images differ by at most "
                   f"{run_['same_weights_max_pixel_diff']} of 255 levels.", "",
                   "| method | steps | peer s (median) | project s (median) | ratio median | ratio min-max | "
-                  "peer peak GB | project peak GB | peer +GB | project +GB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "CPU-time ratio median | min-max | peer peak GB | project peak GB | peer +GB | project +GB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for method, rows in run_["methods"].items():
             for steps, row in rows.items():
                 if not isinstance(row, dict):
@@ -216,6 +221,7 @@ def markdown(report: dict) -> str:
                 inc = {w: max(c[w]["peak_increment_gb"] for c in row["rounds"]) for w in ("peer", "project")}
                 lines.append(f"| {method} | {steps} | {row['peer_s_median']:.2f} | {row['project_s_median']:.2f} | "
                              f"**{row['ratio_median']:.3f}** | {row['ratio_min']:.3f}-{row['ratio_max']:.3f} | "
+                             f"**{row['cpu_ratio_median']:.3f}** | {row['cpu_ratio_min']:.3f}-{row['cpu_ratio_max']:.3f} | "
                              f"{row['peer_peak_gb']:.2f} | {row['project_peak_gb']:.2f} | {inc['peer']:.2f} | "
                              f"{inc['project']:.2f} |")
         split = [(meth, rows) for meth, rows in run_["methods"].items() if "peer_per_step_s" in rows]
