@@ -246,6 +246,8 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="tiny models, for testing the script only")
+    p.add_argument("--commit", default=None, help="the commit of the code measured, where the script runs from "
+                   "an exported copy of it (default: this checkout's HEAD)")
     args = p.parse_args(argv)
     bad = [m for m in args.methods if m not in ("lora", "full")]
     if bad:
@@ -256,7 +258,7 @@ def main(argv=None):
         print("note: OMP_NUM_THREADS is not set; torch uses --threads", file=sys.stderr)
     machine = machine_info("cpu")  # (at the start: the load average before the run)
     res = run(args)
-    res.update(commit=git_commit(), machine=machine, tiny=args.tiny, steps=args.steps)
+    res.update(commit=args.commit or git_commit(), machine=machine, tiny=args.tiny, steps=args.steps)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
