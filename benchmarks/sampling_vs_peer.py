@@ -141,7 +141,8 @@ def run(args) -> dict:
         return peer_sample(unet, text_encoder, tokenizer, vae, peer_scheduler, e_tgt["context"], e_opt["context"],
                            ETA, size, size, steps, torch.Generator().manual_seed(0))
 
-    out = dict(build_s=round(build_s, 1), size=size, eta=ETA, guidance=GUIDANCE, rounds=args.rounds, methods={})
+    out = dict(build_s=round(build_s, 1), size=size, eta=ETA, guidance=GUIDANCE, rounds=args.rounds,
+               rounds_long=args.rounds_long, methods={})
     # Faithfulness of the replica: with the same weights (no delta) both make the same image.
     plain = ImagicResult(e_tgt=e_tgt, e_opt=e_opt, delta=None, settings=settings)
     steps0 = args.steps[0]
@@ -154,7 +155,7 @@ def run(args) -> dict:
         rows = {}
         for steps in args.steps:
             rounds = []
-            for r in range(args.rounds):
+            for r in range(args.rounds if steps == args.steps[0] else args.rounds_long):
                 order = ("peer", "project") if r % 2 == 0 else ("project", "peer")
                 calls = {}
                 for who in order:
@@ -208,7 +209,8 @@ def markdown(report: dict) -> str:
         lines += [f"#### {label} (commit {run_['commit']})", "",
                   f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch thread(s), torch {m['torch']}, "
                   f"diffusers {m['diffusers']}, {m['date']}, load average at start "
-                  f"{m.get('loadavg_start', ['?'])[0]:.2f}; {run_['size']} px, {run_['rounds']} rounds. "
+                  f"{m.get('loadavg_start', ['?'])[0]:.2f}; {run_['size']} px, {run_['rounds']} rounds of the "
+                  f"short call, {run_.get('rounds_long', run_['rounds'])} of the long one. "
                   f"With the same weights (no delta) the two images differ by at most "
                   f"{run_['same_weights_max_pixel_diff']} of 255 levels.", "",
                   "| method | steps | peer s (median) | project s (median) | ratio median | ratio min-max | "
@@ -242,7 +244,9 @@ def main(argv=None):
     p.add_argument("--methods", default="lora,full", type=lambda s: [m for m in s.split(",") if m])
     p.add_argument("--steps", default="2,10", type=lambda s: [int(x) for x in s.split(",") if x],
                    help="sampling steps of each call length (two lengths separate per-call from per-step cost)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the first (short) call length")
+    p.add_argument("--rounds-long", type=int, default=None,
+                   help="rounds of the other call lengths (default: --rounds; fewer where a long call takes minutes)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="tiny models, for testing the script only")
@@ -252,8 +256,10 @@ def main(argv=None):
     bad = [m for m in args.methods if m not in ("lora", "full")]
     if bad:
         p.error(f"--methods: unknown {bad}; use lora and/or full")
-    if not args.steps or min(args.steps) < 1 or args.rounds < 1:
-        p.error("--steps needs positive step counts and --rounds at least 1")
+    if args.rounds_long is None:
+        args.rounds_long = args.rounds
+    if not args.steps or min(args.steps) < 1 or args.rounds < 1 or args.rounds_long < 1:
+        p.error("--steps needs positive step counts and --rounds / --rounds-long at least 1")
     if os.environ.get("OMP_NUM_THREADS") is None:
         print("note: OMP_NUM_THREADS is not set; torch uses --threads", file=sys.stderr)
     machine = machine_info("cpu")  # (at the start: the load average before the run)
