@@ -267,7 +267,8 @@ class FullDelta(WeightDelta):
         Why it is exact: before a tensor is written, each element's way back, (W + D) - W, is checked
         against D; the few elements where rounding does not lead back (a tie, or W + D in another binade)
         keep their D aside and are put back after the subtraction. A tensor that cannot take W + D (another
-        dtype, device or layout than its weight) gets the ordinary weight + difference instead. Not for
+        dtype, device or layout than its weight), or whose way back misses in more than 1 in 256 elements (a D
+        that is not the difference of two float tensors), gets the ordinary weight + difference instead. Not for
         sampling the same delta from two threads at once, and not with autograd (no gradients flow)."""
         if self.training_form:
             raise RuntimeError("merged_in_place() is for the difference form; a training form already holds W'")
@@ -280,7 +281,11 @@ class FullDelta(WeightDelta):
                         and w.is_contiguous() and not is_tensor_subclass(w)):
                     undo.callback(self.attach_to(layer, name))
                     continue
-                kept = _add_keeping_the_way_back(d, w)
+                try:
+                    kept = _add_keeping_the_way_back(d, w)
+                except _LossyWayBack:  # not a difference of two float tensors: a merged copy for this one
+                    undo.callback(self.attach_to(layer, name))
+                    continue
                 undo.callback(_subtract_restoring, d, w, kept)  # registered first: undone last
                 undo.callback(_parametrize(layer, name, _HeldWeight(d)))
             yield
@@ -408,11 +413,21 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
 
 
+class _LossyWayBack(Exception):
+    """(W + D) - W misses D in too many elements to keep them aside: use a fresh merged copy instead."""
+
+
 def _add_keeping_the_way_back(d: torch.Tensor, w: torch.Tensor):
     """d <- w + d in place, chunk by chunk; returns the flat positions (and their d) where (w + d) - w
-    does not give d back bit for bit, for ``_subtract_restoring``. Interrupted, it undoes what it did."""
+    does not give d back bit for bit, for ``_subtract_restoring``. Interrupted, it undoes what it did.
+
+    A difference handed back by stage 2 is W' - W of two float tensors, and (W + D) - W gives it back in
+    all but a few elements; an arbitrary D (not such a difference) misses in most, and keeping those
+    aside would take more memory than a merged copy: past 1 in 256 elements it raises _LossyWayBack,
+    d as it was."""
     fd, fw = d.view(-1), w.reshape(-1)
     positions, values = [], []
+    budget, count = max(1024, fd.numel() // 256), 0
 
     def kept():
         return (torch.cat(positions), torch.cat(values)) if positions else None
@@ -425,6 +440,9 @@ def _add_keeping_the_way_back(d: torch.Tensor, w: torch.Tensor):
             lost = _bits(merged - wc) != _bits(dc)
             if lost.any():
                 at = lost.nonzero().view(-1)
+                count += at.numel()
+                if count > budget:
+                    raise _LossyWayBack
                 positions.append(at + start)
                 values.append(dc[at].clone())
             dc.copy_(merged)
