@@ -209,3 +209,22 @@ def test_a_loaded_full_difference_samples_like_the_trained_one(pipe, embeddings,
     a = pipe.sample(ImagicResult(*embeddings, delta=delta, settings=settings), [0.7], seed=1, steps=2)
     b = pipe.sample(ImagicResult(*embeddings, delta=loaded, settings=settings), [0.7], seed=1, steps=2)
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+def test_a_difference_of_no_two_float_tensors_falls_back_to_a_merged_copy(pipe, embeddings):
+    """A D that is not W' - W of two float tensors: (W + D) - W misses it in most elements, so
+    ``merged_in_place`` gives those tensors a merged copy; same images, the delta unchanged."""
+    shapes = {n: p.shape for n, p in pipe.unet.named_parameters() if n.endswith((".weight", ".bias"))}
+    delta = FullDelta(shapes)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for t in delta.tensors:
+            t.copy_(torch.randn(t.shape, generator=g) * 0.01)
+    delta.requires_grad_(False)
+    result = ImagicResult(*embeddings, delta=delta, settings=dict(width=SIZE, height=SIZE, method="full"))
+    own = bit_snapshot(delta.tensors)
+    reference = reference_images(pipe, result, {n: delta.delta(n) for n in delta.names()})
+    images = pipe.sample(result, [0.3, 0.8], seed=4, steps=STEPS)
+    assert_bit_equal(delta.tensors, own, "full difference")
+    for a, b in zip(images, reference):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
