@@ -175,12 +175,6 @@ def run(args) -> dict:
                                     project_s_median=statistics.median(c["project"]["s"] for c in rounds),
                                     peer_peak_gb=max(c["peer"]["peak_gb"] for c in rounds),
                                     project_peak_gb=max(c["project"]["peak_gb"] for c in rounds))
-        if len(args.steps) >= 2:  # per step and per call, from the two lengths (medians)
-            (a, ra), (b, rb) = [(s, rows[str(s)]) for s in args.steps[:2]]
-            for who in ("peer", "project"):
-                per_step = (rb[f"{who}_s_median"] - ra[f"{who}_s_median"]) / (b - a)
-                rows[f"{who}_per_step_s"] = round(per_step, 3)
-                rows[f"{who}_per_call_s"] = round(ra[f"{who}_s_median"] - a * per_step, 3)
         out["methods"][method] = rows
         result.delta = delta = None  # the full difference: free it before the next method's delta
     return out
@@ -194,6 +188,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_split(rows: dict, steps) -> tuple:
+    """(per step, per call) process CPU seconds of the peer and of the project, from the medians of the
+    first two call lengths."""
+    a, b = steps[:2]
+    out = []
+    for who in ("peer", "project"):
+        ta, tb = (statistics.median(c[who]["cpu_s"] for c in rows[str(n)]["rounds"]) for n in (a, b))
+        per_step = (tb - ta) / (b - a)
+        out.append((per_step, ta - a * per_step))
+    return tuple(out)
+
+
 def markdown(report: dict) -> str:
     lines = ["### Sampling against the peer (diffusers community pipeline), SD1.5, one process", "",
              "One `ImagicPipeline.sample` call (one eta, DDIM, guidance 7.5, VAE decode included) against the "
@@ -201,8 +207,8 @@ def markdown(report: dict) -> str:
              "(SD1.5 with seeded random weights), text encoder and VAE. The peer samples the plain UNet (its "
              "fine-tune is written into the weights); the project applies the trained delta to the untouched "
              "base. Calls alternate within each round; ratio = project time / peer time in that round. "
-             "Peak +GB: peak RSS during the call minus the RSS before it. Per step / per call: from the medians "
-             "of the two call lengths (wall time). The CPU-time ratio uses the process CPU time of the same calls: "
+             "Peak GB: the process's peak RSS during the call (the full difference held by the result "
+             "included, on both sides); +GB: that peak minus the RSS before the call. The CPU-time ratio uses the process CPU time of the same calls: "
              "other jobs on a shared machine slow the wall clock of both sides, the CPU time less.", ""]
     for label, run_ in report["runs"].items():
         m = run_["machine"]
@@ -218,7 +224,7 @@ def markdown(report: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for method, rows in run_["methods"].items():
             for steps, row in rows.items():
-                if not isinstance(row, dict):
+                if not isinstance(row, dict):  # (per-step figures of older runs)
                     continue
                 inc = {w: max(c[w]["peak_increment_gb"] for c in row["rounds"]) for w in ("peer", "project")}
                 lines.append(f"| {method} | {steps} | {row['peer_s_median']:.2f} | {row['project_s_median']:.2f} | "
@@ -226,13 +232,17 @@ def markdown(report: dict) -> str:
                              f"**{row['cpu_ratio_median']:.3f}** | {row['cpu_ratio_min']:.3f}-{row['cpu_ratio_max']:.3f} | "
                              f"{row['peer_peak_gb']:.2f} | {row['project_peak_gb']:.2f} | {inc['peer']:.2f} | "
                              f"{inc['project']:.2f} |")
-        split = [(meth, rows) for meth, rows in run_["methods"].items() if "peer_per_step_s" in rows]
+        split = [(meth, cpu_split(rows, run_["steps"])) for meth, rows in run_["methods"].items()
+                 if len(run_["steps"]) >= 2]
         if split:
-            lines += ["", "| method | peer s/step | project s/step | peer s/call overhead | project s/call overhead |",
-                      "|---|---:|---:|---:|---:|"]
-            for meth, rows in split:
-                lines.append(f"| {meth} | {rows['peer_per_step_s']:.2f} | {rows['project_per_step_s']:.2f} | "
-                             f"{rows['peer_per_call_s']:.2f} | {rows['project_per_call_s']:.2f} |")
+            a, b = run_["steps"][:2]
+            lines += ["", f"Per step and per call, from the median process CPU time of the {a}- and {b}-step calls "
+                      "(CPU time: the wall clock of this shared machine varied more between calls than the "
+                      "difference measured):", "",
+                      "| method | peer CPU s/step | project CPU s/step | peer CPU s/call beside the steps | "
+                      "project CPU s/call beside the steps |", "|---|---:|---:|---:|---:|"]
+            for meth, (peer, project) in split:
+                lines.append(f"| {meth} | {peer[0]:.2f} | {project[0]:.2f} | {peer[1]:.2f} | {project[1]:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -252,7 +262,14 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny models, for testing the script only")
     p.add_argument("--commit", default=None, help="the commit of the code measured, where the script runs from "
                    "an exported copy of it (default: this checkout's HEAD)")
+    p.add_argument("--rewrite-md", action="store_true", help="only write the .md again from the .json at --out")
     args = p.parse_args(argv)
+    if args.rewrite_md:
+        if not args.out:
+            p.error("--rewrite-md needs --out")
+        out = Path(args.out)
+        out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text())) + "\n")
+        return None
     bad = [m for m in args.methods if m not in ("lora", "full")]
     if bad:
         p.error(f"--methods: unknown {bad}; use lora and/or full")
