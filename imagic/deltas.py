@@ -257,6 +257,39 @@ class FullDelta(WeightDelta):
                     sharers[i].append(q)
         return parked(self._base, sharers, folder)
 
+    @contextmanager
+    def merged_in_place(self, module: nn.Module):
+        """Difference form, for inference: inside the block the layers of ``module`` compute with
+        W + D held in this delta's own tensors (written over D, so no third copy of the weights is
+        allocated: on a CPU fresh memory costs more time than the sum); afterwards every tensor holds
+        D again, bit for bit, also after an error. ``module``'s values are only read.
+
+        Why it is exact: before a tensor is written, each element's way back, (W + D) - W, is checked
+        against D; the few elements where rounding does not lead back (a tie, or W + D in another binade)
+        keep their D aside and are put back after the subtraction. A tensor that cannot take W + D (another
+        dtype, device or layout than its weight), or whose way back misses in more than 1 in 256 elements (a D
+        that is not the difference of two float tensors), gets the ordinary weight + difference instead. Not for
+        sampling the same delta from two threads at once, and not with autograd (no gradients flow)."""
+        if self.training_form:
+            raise RuntimeError("merged_in_place() is for the difference form; a training form already holds W'")
+        params = dict(module.named_parameters())
+        with ExitStack() as undo, torch.no_grad():
+            for name in self.names():
+                d, w = self.tensors[self._index[name]], params[name].detach()
+                layer = module.get_submodule(_module_name(name))
+                if not (d.dtype == w.dtype and d.device == w.device and d.shape == w.shape and d.is_contiguous()
+                        and w.is_contiguous() and not is_tensor_subclass(w)):
+                    undo.callback(self.attach_to(layer, name))
+                    continue
+                try:
+                    kept = _add_keeping_the_way_back(d, w)
+                except _LossyWayBack:  # not a difference of two float tensors: a merged copy for this one
+                    undo.callback(self.attach_to(layer, name))
+                    continue
+                undo.callback(_subtract_restoring, d, w, kept)  # registered first: undone last
+                undo.callback(_parametrize(layer, name, _HeldWeight(d)))
+            yield
+
     def names(self):
         return list(self._index)
 
@@ -361,6 +394,77 @@ class _AddDelta(nn.Module):
         return weight + self.delta[0].delta(self.name).to(weight.dtype)
 
 
+class _HeldWeight(nn.Module):
+    """Parametrization weight -> a tensor computed beforehand (``FullDelta.merged_in_place``'s W + D)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        super().__init__()
+        self.held = [tensor]  # a list: not registered, not saved
+
+    def forward(self, weight):
+        return self.held[0]
+
+
+_CHUNK = 1 << 18  # elements per pass: small enough that a chunk's temporaries stay in the CPU's cache
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns: compares -0.0 with 0.0 and NaN with itself as different and equal."""
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
+
+
+class _LossyWayBack(Exception):
+    """(W + D) - W misses D in too many elements to keep them aside: use a fresh merged copy instead."""
+
+
+def _add_keeping_the_way_back(d: torch.Tensor, w: torch.Tensor):
+    """d <- w + d in place, chunk by chunk; returns the flat positions (and their d) where (w + d) - w
+    does not give d back bit for bit, for ``_subtract_restoring``. Interrupted, it undoes what it did.
+
+    A difference handed back by stage 2 is W' - W of two float tensors, and (W + D) - W gives it back in
+    all but a few elements; an arbitrary D (not such a difference) misses in most, and keeping those
+    aside would take more memory than a merged copy: past 1 in 256 elements it raises _LossyWayBack,
+    d as it was."""
+    fd, fw = d.view(-1), w.reshape(-1)
+    positions, values = [], []
+    budget, count = max(1024, fd.numel() // 256), 0
+
+    def kept():
+        return (torch.cat(positions), torch.cat(values)) if positions else None
+
+    done = 0
+    try:
+        for start in range(0, fd.numel(), _CHUNK):
+            dc, wc = fd[start:start + _CHUNK], fw[start:start + _CHUNK]
+            merged = wc + dc
+            lost = _bits(merged - wc) != _bits(dc)
+            if lost.any():
+                at = lost.nonzero().view(-1)
+                count += at.numel()
+                if count > budget:
+                    raise _LossyWayBack
+                positions.append(at + start)
+                values.append(dc[at].clone())
+            dc.copy_(merged)
+            done = start + dc.numel()
+    except BaseException:
+        _subtract_restoring(d, w, kept(), upto=done)
+        raise
+    return kept()
+
+
+def _subtract_restoring(d: torch.Tensor, w: torch.Tensor, kept, upto: Optional[int] = None) -> None:
+    """Undo ``_add_keeping_the_way_back`` (on the first ``upto`` elements): d <- (w + d) - w, then the
+    kept elements, so d is as it was, bit for bit."""
+    with torch.no_grad():
+        fd, fw = d.view(-1), w.reshape(-1)
+        for start in range(0, fd.numel() if upto is None else upto, _CHUNK):
+            end = start + _CHUNK if upto is None else min(start + _CHUNK, upto)
+            fd[start:end].sub_(fw[start:end])
+        if kept is not None:
+            fd[kept[0]] = kept[1]
+
+
 def _lora_side_branch(delta: LoraDelta, name: str):
     """Forward hook: out + scale * up(down(x)), the same function as the layer with weight + up @ down.
 
@@ -372,13 +476,45 @@ def _lora_side_branch(delta: LoraDelta, name: str):
         x = args[0]
         down, up, scale = delta.factors(name)
         down, up = down.to(x.dtype), up.to(x.dtype)
-        if is_linear(module):
-            h = F.linear(F.linear(x, down), up)
+        linear = is_linear(module)
+        if linear:
+            h = F.linear(x, down)
         else:  # LoCon: the down convolution takes the layer's geometry, up is 1x1
-            h = F.conv2d(F.conv2d(x, down, None, module.stride, module.padding, module.dilation), up)
+            h = F.conv2d(x, down, None, module.stride, module.padding, module.dilation)
+        if _accumulates_in_place(out, h):
+            return _add_up_in_place(out, h, up, scale, linear)
+        h = F.linear(h, up) if linear else F.conv2d(h, up)
         return out + (h * scale).to(out.dtype)
 
     return hook
+
+
+def _accumulates_in_place(out: torch.Tensor, h: torch.Tensor) -> bool:
+    """Whether the up projection can be added into the layer's output where it lies: only without
+    autograd (sampling: nothing keeps ``out`` for a backward pass), in one dtype, on memory laid out
+    as one matrix per sample, and where writing is allowed (an inference tensor only in inference mode)."""
+    if torch.is_grad_enabled() or type(out) is not torch.Tensor or out.dtype != h.dtype:
+        return False
+    if out.is_inference() and not torch.is_inference_mode_enabled():
+        return False
+    return out.is_contiguous() or (out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last))
+
+
+def _add_up_in_place(out, h, up, scale, linear):
+    """out += scale * up(h) as one matrix product accumulating into ``out`` (BLAS beta = 1): the same
+    sum as ``out + up(h) * scale`` up to rounding, without the three output-sized temporaries that
+    cost the side branch most of its time at sampling (small layers are memory-bound)."""
+    up = up.to(out.dtype).flatten(1)  # (out_features, r)
+    r = up.shape[1]
+    if linear:
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, r), up.t(), alpha=scale)
+    elif out.is_contiguous():  # NCHW: one (C, HW) matrix per sample
+        n, c = out.shape[:2]
+        out.view(n, c, -1).baddbmm_(up.expand(n, c, r), h.reshape(n, r, -1), alpha=scale)
+    else:  # channels_last: one (NHW, C) matrix
+        out.permute(0, 2, 3, 1).view(-1, out.shape[1]).addmm_(h.permute(0, 2, 3, 1).reshape(-1, r), up.t(),
+                                                               alpha=scale)
+    return out
 
 
 def side_branch_ok(module: nn.Module) -> bool:
@@ -391,7 +527,7 @@ def side_branch_ok(module: nn.Module) -> bool:
 
 @contextmanager
 def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool = True, offload_base: bool = False,
-            offload_also: Optional[nn.Module] = None):
+            offload_also: Optional[nn.Module] = None, inference: bool = False):
     """Inside the block, ``module`` computes with weight + delta; afterwards it is exactly as before.
 
     Each kind of delta attaches itself to each layer it targets (``WeightDelta.attach_to``): LoRA as a
@@ -399,10 +535,16 @@ def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool =
     as its trained copy (training form) or weight + difference. With ``offload_base`` the module's own
     values that the delta does not read (and ``offload_also``'s, where they are the same memory) wait
     outside memory meanwhile (``WeightDelta.base_offloaded``). The module's values are never changed,
-    so the base stays bit for bit unchanged.
+    so the base stays bit for bit unchanged. ``inference`` (no gradients, e.g. sampling): a full
+    difference is added into the delta's own tensors for the block (``FullDelta.merged_in_place``: no
+    third copy of the weights, and each layer reads its merged weight as it is).
     """
     if delta is None:
         yield
+        return
+    if inference and isinstance(delta, FullDelta) and not delta.training_form:
+        with delta.merged_in_place(module):
+            yield
         return
     with ExitStack() as undo:
         for name in delta.names():

@@ -116,9 +116,11 @@ class DiffusersDenoiser:
             if use and not was:
                 self.unet.disable_gradient_checkpointing()
 
-    def attach(self, delta: Optional[WeightDelta]):
-        """Compute with weight + delta inside the block; the UNet is exactly as before afterwards."""
-        return applied(delta, self.unet, side_branch=self.lora_side_branch, offload_base=self.offload_base)
+    def attach(self, delta: Optional[WeightDelta], inference: bool = False):
+        """Compute with weight + delta inside the block; the UNet is exactly as before afterwards
+        (``inference``: without gradients, see ``imagic.deltas.applied``)."""
+        return applied(delta, self.unet, side_branch=self.lora_side_branch, offload_base=self.offload_base,
+                       inference=inference)
 
 
 def is_flow_scheduler(scheduler) -> bool:
@@ -309,8 +311,23 @@ class ImagicPipeline:
                         loss_embedding=loss_emb, loss_finetune=loss_ft)
         return ImagicResult(e_tgt=e_tgt, e_opt=e_opt, delta=delta, settings=settings)
 
-    def check_result(self, result: ImagicResult) -> None:
-        mine = self.encode_text("")
+    def empty_text(self) -> Conditioning:
+        """The empty prompt's embedding (classifier-free guidance's unconditional side), encoded once per
+        pipeline and again only when a text encoder or one of its weights is replaced or changed."""
+        encoders = [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+        try:  # tensors count their in-place writes (_version): a weight edited in place is seen too
+            key = tuple((id(m), tuple((id(p), p._version) for p in m.parameters())) for m in encoders) + (self.device,)
+        except RuntimeError:  # inference tensors keep no count: encode every time
+            return self.encode_text("")
+        cached = getattr(self, "_empty_text", None)
+        if cached is None or cached[0] != key:
+            self._empty_text = cached = (key, self.encode_text(""))
+        return dict(cached[1])
+
+    def check_result(self, result: ImagicResult, uncond: Optional[Conditioning] = None) -> None:
+        """Refuse a result made with another model family or whose fine-tune does not fit this UNet
+        (``uncond``: this model's empty-prompt embedding, when the caller has it)."""
+        mine = uncond if uncond is not None else self.empty_text()
         for k, v in result.e_tgt.items():
             if k not in mine or mine[k].shape[1:] != v.shape[1:]:
                 raise ImagicError(f"this Imagic result was made with another model family: its {k!r} embedding has "
@@ -331,12 +348,12 @@ class ImagicPipeline:
         ``init_image`` with ``strength`` in (0, 1] starts from the noised input (SDEdit) instead of
         pure noise; the benchmark uses it as a baseline.
         """
-        self.check_result(result)
+        uncond = self.empty_text()
+        self.check_result(result, uncond)
         conds = [interpolate(result.e_tgt, result.e_opt, eta) for eta in etas]
         width, height = int(result.settings["width"]), int(result.settings["height"])
         den = self.denoiser(width, height)
         flow = den.prediction_type == "flow"
-        uncond = self.encode_text("")
         batch = len(conds)
         cond = {k: torch.cat([uncond[k].expand(batch, *uncond[k].shape[1:])] + [c[k] for c in conds]).to(self.device)
                 for k in uncond}
@@ -361,10 +378,12 @@ class ImagicPipeline:
         else:
             latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)
         delta = result.delta.to(self.device) if (use_finetuned and result.delta is not None) else None
-        # LoRA stays a side branch (measured: 1.02x the model alone per DDIM step, against 1.70x for merging
-        # it into every weight at every call); a full difference is merged once for the whole loop
-        # (parametrize.cached): one more copy of the weights, still below the training's peak.
-        with den.attach(delta), parametrize.cached():
+        # LoRA stays a side branch, added into each layer's output in place (merging it would write a
+        # model-sized copy of the weights at every call); a full difference is added once for the whole
+        # loop into the delta's own tensors and taken out again bit for bit (FullDelta.merged_in_place):
+        # a fresh model-sized copy costs more time than the sum on a CPU (benchmarks/sampling_vs_peer.py).
+        # parametrize.cached: a layer whose merged weight is formed (weight + difference) forms it once.
+        with den.attach(delta, inference=True), parametrize.cached():
             for i, t in enumerate(timesteps):
                 x_in = torch.cat([latents, latents])
                 if not flow:

@@ -91,3 +91,42 @@ def build_host_model(model: str, dtype_kind: str, tiny: bool, seed: int = 0):
         raise RuntimeError(f"{info['params']} UNet parameters, but PARAMS/TINY_PARAMS say {n_params}")
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=mm.unet_offload_device())
     return patcher, info
+
+
+# SD1.5's text encoder (CLIP ViT-L/14's text tower) and VAE, as in the published model folder.
+SD15_TEXT_ENCODER = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                         hidden_act="quick_gelu")
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+
+
+def build_sd15_parts(folder, device: str = "cpu", seed: int = 0, tiny: bool = False):
+    """The rest of an SD1.5 model folder with seeded random weights: its CLIP text encoder, a
+    tokenizer (the toy's word-level CLIP tokenizer, written to ``folder``: a text's cost does not
+    depend on its words, all are padded to 77 tokens) and its VAE. ``tiny``: a few layers each."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from imagic.toy.tokenizer import write_tokenizer
+
+    te_cfg, vae_cfg = dict(SD15_TEXT_ENCODER), dict(SD15_VAE)
+    if tiny:
+        # (the width stays 768: the UNet's cross-attention reads it; four VAE levels: 8x downsampling)
+        te_cfg.update(intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+        vae_cfg.update(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+    with torch.device("meta"):
+        text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
+        vae = AutoencoderKL(**vae_cfg)
+    text_encoder = fill_random_(text_encoder.to_empty(device=device), device, seed + 1).eval()
+    # (the position ids are a buffer that fill_random_ zeroes: they must count the positions)
+    with torch.no_grad():
+        for name, b in text_encoder.named_buffers():
+            if name.endswith("position_ids"):
+                b.copy_(torch.arange(b.shape[-1]).expand_as(b))
+    vae = fill_random_(vae.to_empty(device=device), device, seed + 2).eval()
+    write_tokenizer(folder)
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    return text_encoder, tokenizer, vae

@@ -150,7 +150,9 @@ FULL_METHOD = "full fine-tune, the project's method [core FullDelta]"
 SAMPLE_ROWS = [("baseline", "lora", "none"),
                ("project defaults", "lora", "side"),
                ("LoRA merged into the weights at every call", "lora", "merged"),
-               ("full fine-tune, the project's method [difference merged once]", "full", "cached"),
+               ("full fine-tune, the project's method [difference added in place]", "full", "in_place"),
+               ("full fine-tune, difference merged once into a fresh copy (the method before 2026-12-03)", "full",
+                "cached"),
                ("full difference merged at every call", "full", "merged")]
 
 

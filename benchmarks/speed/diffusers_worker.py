@@ -81,9 +81,12 @@ def diffusers_stage(args, cfg, meter):
 def sample_steps(den, unet, x0, e_tgt, cfg, total, meter):
     """DDIM steps as ImagicPipeline.sample takes them (a batch of 2, the prompt and the empty text,
     no gradients) with a trained delta applied by ``imagic.deltas.applied``: sample_impl "side" (LoRA
-    as a side branch: the pipeline's way), "cached" (a full difference merged once for all steps,
-    ``parametrize.cached``: the pipeline's way), "merged" (weight + delta formed by each layer at every
-    call), "none" (the model alone; the peer samples its weights trained in place, which costs the same)."""
+    as a side branch, added into each output in place without autograd: the pipeline's way),
+    "in_place" (a full difference added into the delta's own tensors for all steps,
+    ``FullDelta.merged_in_place``: the pipeline's way), "cached" (a full difference merged once into a
+    fresh copy, ``parametrize.cached``: the pipeline's way before 2026-12-03), "merged" (weight + delta
+    formed by each layer at every call), "none" (the model alone; the peer samples its weights trained
+    in place, which costs the same). benchmarks/sampling_vs_peer.py times whole calls against the peer."""
     import contextlib
     import torch
     from torch.nn.utils import parametrize
@@ -104,7 +107,8 @@ def sample_steps(den, unet, x0, e_tgt, cfg, total, meter):
     t = torch.full((2,), 500, dtype=torch.long)
     meter.start()
     cache = parametrize.cached() if cfg["sample_impl"] == "cached" else contextlib.nullcontext()
-    with torch.no_grad(), applied(delta, unet, side_branch=cfg["sample_impl"] == "side"), cache:
+    with torch.no_grad(), applied(delta, unet, side_branch=cfg["sample_impl"] == "side",
+                                  inference=cfg["sample_impl"] == "in_place"), cache:
         for _ in range(total):
             den.predict(x, t, cond)
             meter(0, total, float("nan"))

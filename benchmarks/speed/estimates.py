@@ -32,7 +32,7 @@ def estimate_gb(model: str, latent: int, stage: str, cfg: dict, backend: str = "
     p = param_count(backend, model, tiny) * 4 / GB
     proc = PROCESS_GB[backend]
     if stage == "sample":  # no gradients: the weights, a full difference if any, a forward's activations
-        copies = {"none": 1, "side": 1, "merged": 2 if cfg["method"] == "full" else 1, "cached": 3}
+        copies = {"none": 1, "side": 1, "merged": 2 if cfg["method"] == "full" else 1, "cached": 3, "in_place": 2}
         return p * copies[cfg.get("sample_impl", "none")] \
             + 0.5 * ACTIVATION_GB_32[model]["embedding"] * (latent / 32) ** 2 + proc
     act = ACTIVATION_GB_32[model][stage] * (latent / 32) ** 2

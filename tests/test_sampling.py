@@ -1,0 +1,230 @@
+"""Stage 3's fast paths (``ImagicPipeline.sample``): the same images as the plain way of computing them,
+the base model and the result's delta bit for bit as they were afterwards (also after an error), and
+the empty prompt encoded once."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from imagic import ImagicPipeline, ImagicResult
+from imagic.deltas import FullDelta, applied, delta_from_state_dict, make_delta
+
+SIZE, STEPS = 16, 3
+
+
+def bits(t):
+    """Bit patterns, so -0.0 and 0.0 (equal as numbers) count as different."""
+    return t.detach().contiguous().view(torch.int32)
+
+
+def bit_snapshot(tensors):
+    return [bits(t).clone() for t in tensors]
+
+
+def assert_bit_equal(tensors, before, what):
+    for i, (t, b) in enumerate(zip(tensors, before)):
+        assert torch.equal(bits(t), b), f"{what}: tensor {i} changed"
+
+
+def fresh_pipe(pipe, unet=None):
+    """A new pipeline on the session pipeline's parts (its own caches)."""
+    return ImagicPipeline(unet or pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, vae=pipe.vae)
+
+
+@pytest.fixture(scope="module")
+def embeddings(pipe):
+    e_tgt = pipe.encode_text("a photo of a sitting dog")
+    g = torch.Generator().manual_seed(0)
+    return e_tgt, {"context": e_tgt["context"] + 0.3 * torch.randn(e_tgt["context"].shape, generator=g)}
+
+
+def lora_delta(unet, seed=1):
+    delta = make_delta("lora", unet, 4, seed=seed)
+    with torch.no_grad():
+        for up in delta.up:  # up starts at zero: make the delta matter
+            up.normal_(0, 0.2, generator=torch.Generator().manual_seed(seed + 1))
+    return delta.finish().requires_grad_(False)
+
+
+def full_delta(unet):
+    """A difference as stage 2 hands it back (W' - W), with two elements planted where (W + D) - W does
+    not give D back bit for bit: half an ulp of W (the sum is a tie, rounded to even) and -0.0
+    (W + -0.0 - W is +0.0). Returns the delta and the planted tensor's name."""
+    delta = make_delta("full", unet, 4, seed=0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in delta.tensors:
+            t.add_(torch.randn(t.shape, generator=g), alpha=0.02)
+    delta.finish().requires_grad_(False)
+    params = dict(unet.named_parameters())
+    name = next(n for n in delta.names() if n.endswith(".weight") and params[n].numel() > 8)
+    w, d = params[name].detach().view(-1), delta.tensors[delta._index[name]].detach().view(-1)
+    with torch.no_grad():
+        d[0] = (torch.nextafter(w[0], torch.tensor(float("inf"))) - w[0]) / 2
+        d[1] = -0.0
+    return delta, name
+
+
+def reference_images(pipe, result, delta_as_weights):
+    """The image of the plain way: a copy of the UNet whose weights hold W + D, sampled without a delta."""
+    unet = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if name in delta_as_weights:
+                p.copy_(p + delta_as_weights[name].to(p.dtype))
+    plain = ImagicResult(e_tgt=result.e_tgt, e_opt=result.e_opt, delta=None, settings=result.settings)
+    return fresh_pipe(pipe, unet).sample(plain, [0.3, 0.8], seed=4, steps=STEPS)
+
+
+def test_full_difference_samples_the_merged_weights_bit_for_bit_and_leaves_base_and_delta_as_they_were(
+        pipe, embeddings):
+    delta, planted = full_delta(pipe.unet)
+    params = dict(pipe.unet.named_parameters())
+    w = params[planted].detach().view(-1)
+    d = delta.tensors[delta._index[planted]].detach().view(-1)
+    way_back = (w[:2] + d[:2]) - w[:2]
+    assert not torch.equal(bits(way_back), bits(d[:2])), "the planted elements' way back must be lossy"
+    result = ImagicResult(*embeddings, delta=delta, settings=dict(width=SIZE, height=SIZE, method="full"))
+    base, diff = bit_snapshot(pipe.unet.parameters()), bit_snapshot(delta.tensors)
+    reference = reference_images(pipe, result, {n: delta.delta(n) for n in delta.names()})
+    images = pipe.sample(result, [0.3, 0.8], seed=4, steps=STEPS)
+    assert_bit_equal(pipe.unet.parameters(), base, "base model")
+    assert_bit_equal(delta.tensors, diff, "full difference")
+    for a, b in zip(images, reference):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), "W + D held in place must be the merged weights"
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_an_error_mid_sampling_leaves_base_and_delta_bit_for_bit(pipe, embeddings, method):
+    delta = lora_delta(pipe.unet) if method == "lora" else full_delta(pipe.unet)[0]
+    result = ImagicResult(*embeddings, delta=delta, settings=dict(width=SIZE, height=SIZE, method=method))
+    base, own = bit_snapshot(pipe.unet.parameters()), bit_snapshot(delta.parameters())
+
+    def progress(step, total, loss):
+        if step == 2:
+            raise KeyboardInterrupt("stopped mid-sampling")
+
+    with pytest.raises(KeyboardInterrupt):
+        pipe.sample(result, [0.7], steps=STEPS, progress=progress)
+    assert_bit_equal(pipe.unet.parameters(), base, "base model")
+    assert_bit_equal(delta.parameters(), own, f"{method} delta")
+    assert not torch.nn.utils.parametrize.is_parametrized(pipe.unet)
+    assert not any(m._forward_hooks for m in pipe.unet.modules()), "a LoRA hook was left behind"
+    pipe.sample(result, [0.7], steps=1)  # and it still samples
+    assert_bit_equal(delta.parameters(), own, f"{method} delta after sampling again")
+
+
+def test_an_error_while_adding_the_difference_in_takes_it_out_again(pipe, monkeypatch):
+    """Interrupted half-way through the tensors (and inside one), the delta is put back as it was."""
+    import imagic.deltas as deltas
+
+    delta, _ = full_delta(pipe.unet)
+    own = bit_snapshot(delta.tensors)
+    monkeypatch.setattr(deltas, "_CHUNK", 64)  # several chunks per tensor
+    calls = {"n": 0}
+    real_bits = deltas._bits
+
+    def failing_bits(t):
+        calls["n"] += 1
+        if calls["n"] == 41:
+            raise RuntimeError("out of memory, say")
+        return real_bits(t)
+
+    monkeypatch.setattr(deltas, "_bits", failing_bits)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with applied(delta, pipe.unet, inference=True):
+            pass
+    assert_bit_equal(delta.tensors, own, "full difference")
+    assert not torch.nn.utils.parametrize.is_parametrized(pipe.unet)
+
+
+def test_lora_added_in_place_at_sampling_is_the_side_branch_of_training(pipe):
+    """Without autograd the up projection is accumulated into the layer's output (one matrix product);
+    it must compute what the side branch computes with autograd (``out + scale * up(down(x))``), in
+    NCHW, channels_last and inference mode. Tolerance: the same products summed by the same BLAS
+    call; at most the last bits of a float differ (measured: equal on this model)."""
+    delta = lora_delta(pipe.unet)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 16, pipe.unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([300, 700])
+    with applied(delta, pipe.unet):
+        with torch.enable_grad():
+            trained_way = pipe.unet(x, t, ctx).sample.detach()
+        with torch.no_grad():
+            fast = pipe.unet(x, t, ctx).sample
+            fast_cl = pipe.unet(x.contiguous(memory_format=torch.channels_last), t, ctx).sample
+        with torch.inference_mode():
+            fast_inf = pipe.unet(x, t, ctx).sample.clone()
+    with torch.no_grad():
+        plain = pipe.unet(x, t, ctx).sample
+    assert not torch.allclose(trained_way, plain, atol=1e-3), "the LoRA must change the output"
+    for out in (fast, fast_cl, fast_inf):
+        torch.testing.assert_close(out, trained_way, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_sample_equals_sampling_its_merged_weights(pipe, embeddings):
+    """The whole sampling call with the LoRA as an in-place side branch against the same LoRA written
+    into a copy of the weights (W + scale * up @ down): images within one level of 255 (the two sum the
+    same terms in another order; the rounding of a pixel can fall either way)."""
+    delta = lora_delta(pipe.unet)
+    result = ImagicResult(*embeddings, delta=delta, settings=dict(width=SIZE, height=SIZE, method="lora"))
+    images = pipe.sample(result, [0.3, 0.8], seed=4, steps=STEPS)
+    reference = reference_images(pipe, result, {n: delta.delta(n) for n in delta.names()})
+    plain = fresh_pipe(pipe).sample(ImagicResult(*embeddings, settings=result.settings), [0.3, 0.8], seed=4,
+                                    steps=STEPS)
+    for a, b, c in zip(images, reference, plain):
+        a, b, c = (np.asarray(v, dtype=np.int16) for v in (a, b, c))
+        assert np.abs(a - b).max() <= 1
+        assert np.abs(a - c).max() > 1, "the LoRA must change the image"
+
+
+def test_the_empty_prompt_is_encoded_once(pipe, embeddings):
+    fresh = fresh_pipe(pipe)
+    calls = []
+    hook = pipe.text_encoder.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        result = ImagicResult(*embeddings, delta=None, settings=dict(width=SIZE, height=SIZE))
+        fresh.sample(result, [0.7], steps=1)
+        assert len(calls) == 1, "the first call encodes the empty prompt once (it was twice)"
+        fresh.sample(result, [0.7], steps=1)
+        assert len(calls) == 1, "a second call reuses it"
+        p = next(pipe.text_encoder.parameters())
+        with torch.no_grad():
+            p.mul_(1.0)  # an in-place write: the cached embedding may be stale
+        fresh.sample(result, [0.7], steps=1)
+        assert len(calls) == 2, "a text encoder written in place is encoded again"
+    finally:
+        hook.remove()
+    torch.testing.assert_close(fresh.empty_text()["context"], pipe.encode_text("")["context"], rtol=0, atol=0)
+
+
+def test_a_loaded_full_difference_samples_like_the_trained_one(pipe, embeddings, tmp_path):
+    """The in-place merge also serves a difference read back from a file (its own tensors)."""
+    delta, _ = full_delta(pipe.unet)
+    loaded = delta_from_state_dict(delta.to_state_dict())
+    assert isinstance(loaded, FullDelta)
+    settings = dict(width=SIZE, height=SIZE, method="full")
+    a = pipe.sample(ImagicResult(*embeddings, delta=delta, settings=settings), [0.7], seed=1, steps=2)
+    b = pipe.sample(ImagicResult(*embeddings, delta=loaded, settings=settings), [0.7], seed=1, steps=2)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+def test_a_difference_of_no_two_float_tensors_falls_back_to_a_merged_copy(pipe, embeddings):
+    """A D that is not W' - W of two float tensors: (W + D) - W misses it in most elements, so
+    ``merged_in_place`` gives those tensors a merged copy; same images, the delta unchanged."""
+    shapes = {n: p.shape for n, p in pipe.unet.named_parameters() if n.endswith((".weight", ".bias"))}
+    delta = FullDelta(shapes)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for t in delta.tensors:
+            t.copy_(torch.randn(t.shape, generator=g) * 0.01)
+    delta.requires_grad_(False)
+    result = ImagicResult(*embeddings, delta=delta, settings=dict(width=SIZE, height=SIZE, method="full"))
+    own = bit_snapshot(delta.tensors)
+    reference = reference_images(pipe, result, {n: delta.delta(n) for n in delta.names()})
+    images = pipe.sample(result, [0.3, 0.8], seed=4, steps=STEPS)
+    assert_bit_equal(delta.tensors, own, "full difference")
+    for a, b in zip(images, reference):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
