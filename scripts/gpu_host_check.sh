@@ -38,7 +38,7 @@ tree_mb() { git ls-files -z | xargs -0 du -cm 2>/dev/null | tail -1 | cut -f1; }
 case "${1:-}" in
 --prepare)
   : "${COMFYUI_PATH:?set COMFYUI_PATH to a local ComfyUI 0.33 tree}"
-  for p in /.hosts/ /.whl/ /.site/ /gpu_check_out/; do grep -qxF "$p" .git/info/exclude || echo "$p" >> .git/info/exclude; done
+  # .hosts/ .whl/ .site/ gpu_check_out/ are in .gitignore (so they travel only when carried; .git is a file in a worktree)
   rm -rf .hosts .whl && mkdir -p .hosts/comfyui .whl/all
   tar -C "$COMFYUI_PATH" --exclude=.git --exclude=__pycache__ --exclude=./models --exclude=./output \
       --exclude=./input --exclude=./temp --exclude=./user --exclude=./comfy_api_nodes --exclude=./blueprints \
