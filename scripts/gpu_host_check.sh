@@ -9,8 +9,11 @@
 #       run(command="bash scripts/gpu_host_check.sh --install p1", carry=[".whl/p1"], timeout_s=120)
 #       ...                                                          (--prepare prints the exact calls)
 #       run(command="bash scripts/gpu_host_check.sh --install pN --run", carry=[".hosts", ".whl/pN"], timeout_s=480)
-#   and, on the same warm machine right after, the speed benchmark (issue "Lean training", item 6):
-#       run(command="bash scripts/gpu_host_check.sh --bench", carry=[".hosts"], timeout_s=480)
+#   or, instead of the tests (device time is 15 min in all), the default edit against the cost model (#20 item 5):
+#       the same calls, the last one with --bench instead of --run:
+#       run(command="bash scripts/gpu_host_check.sh --install pN --bench", carry=[".hosts", ".whl/pN"], timeout_s=540)
+#   and, on the same warm machine with time left, the older speed rows (issue "Lean training", item 6):
+#       run(command="bash scripts/gpu_host_check.sh --bench-speed", carry=[".hosts"], timeout_s=480)
 #
 # Why parts: the device tool carries at most 64 MiB a call, and the host's requirements that the GPU
 # image lacks come to more (comfy-kitchen's CUDA kernels alone are 45 MB). Each call installs its part
@@ -35,10 +38,24 @@ BUDGET_MB=58   # per call, the working tree included (the tool allows 64 MiB)
 
 tree_mb() { git ls-files -z | xargs -0 du -cm 2>/dev/null | tail -1 | cut -f1; }
 
+# The default edit on CUDA against the cost model (issue #20 item 5): benchmarks/gpu_edit.py on a real-size
+# random-weight Flux.1 dev in fp8 and SDXL, each stage at 1024 and 512 px, Flux's full-width block costs, one
+# edit end to end at 1024 px (50 + 50 steps, 3 etas). About 4-5 min on an H200 (benchmarks/README.md).
+# GPU_EDIT_ARGS replaces the arguments (e.g. "--models sdxl --no-e2e" for a short rerun).
+BENCH_ARGS="--device cuda --blocks --sizes 1024,512 --warmup 1 --steps 3 --embedding-steps 50 --finetune-steps 50 --etas 0.7,0.9,1.0"
+bench() {
+  OUT=${OUT:-gpu_check_out}; mkdir -p "$OUT"
+  export PYTHONPATH=$PWD/.site PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  # shellcheck disable=SC2086
+  COMFYUI_PATH=$HOST_DIR python3 benchmarks/gpu_edit.py ${GPU_EDIT_ARGS:-$BENCH_ARGS} --out "$OUT" 2>&1 \
+      | grep -v 'it/s]$' | tee "$OUT/gpu_edit.log"
+}
+
 case "${1:-}" in
 --prepare)
   : "${COMFYUI_PATH:?set COMFYUI_PATH to a local ComfyUI 0.33 tree}"
-  for p in /.hosts/ /.whl/ /.site/ /gpu_check_out/; do grep -qxF "$p" .git/info/exclude || echo "$p" >> .git/info/exclude; done
+  # .hosts/ .whl/ .site/ gpu_check_out/ are in .gitignore (so they travel only when carried; .git is a file in a worktree)
   rm -rf .hosts .whl && mkdir -p .hosts/comfyui .whl/all
   tar -C "$COMFYUI_PATH" --exclude=.git --exclude=__pycache__ --exclude=./models --exclude=./output \
       --exclude=./input --exclude=./temp --exclude=./user --exclude=./comfy_api_nodes --exclude=./blueprints \
@@ -53,6 +70,18 @@ case "${1:-}" in
   python3 - "$BUDGET_MB" "$(tree_mb)" "$(du -sm .hosts | cut -f1)" <<'PY'
 import os, shutil, sys
 budget, tree, host = (int(a) for a in sys.argv[1:])
+# A wheel too big to travel beside the tree (comfy-kitchen: 46 MB against 58 - 22) goes in chunks;
+# --install gathers them in .site/.chunks and installs the wheel once its last chunk has come.
+room = (budget - tree - 1) * 2**20
+for f in list(os.listdir(".whl/all")):
+    size = os.path.getsize(f".whl/all/{f}")
+    if size / 2**20 + tree > budget:
+        n = -(-size // room)
+        with open(f".whl/all/{f}", "rb") as src:
+            for i in range(1, n + 1):
+                with open(f".whl/all/{f}.chunk-{i:02d}-of-{n:02d}", "wb") as dst:
+                    dst.write(src.read(room))
+        os.remove(f".whl/all/{f}")
 files = sorted(os.listdir(".whl/all"), key=lambda f: -os.path.getsize(f".whl/all/{f}"))
 parts = []
 for f in files:
@@ -76,6 +105,8 @@ for i in range(1, n + 1):
     last = i == n
     print(f'  run(command="bash scripts/gpu_host_check.sh --install p{i}' + (' --run"' if last else '"')
           + (f', carry=[".hosts", ".whl/p{i}"], timeout_s=480)' if last else f', carry=[".whl/p{i}"], timeout_s=120)'))
+print(f'  or, for the default edit against the cost model, the last one as:\n'
+      f'  run(command="bash scripts/gpu_host_check.sh --install p{n} --bench", carry=[".hosts", ".whl/p{n}"], timeout_s=540)')
 PY
   exit 0 ;;
 --dry-run)
@@ -89,7 +120,11 @@ PY
   echo "host: $(grep __version__ "$HOST_DIR/comfyui_version.py")"
   # shellcheck disable=SC2086
   COMFYUI_PATH=$HOST_DIR IMAGIC_HOST_DEVICE=cuda "${PYTHON:-python3}" -m pytest -q --collect-only -p no:cacheprovider $TESTS | tail -1
-  for m in "sd15 64" "sdxl 128"; do  # the --bench rows, planned
+  # --bench's code on tiny configs on this CPU (about 40 s): the same builds, stages, blocks, edit and report
+  COMFYUI_PATH=$HOST_DIR OMP_NUM_THREADS=1 "${PYTHON:-python3}" benchmarks/gpu_edit.py --tiny --device cpu --blocks \
+      --sizes 128,64 --embedding-steps 5 --finetune-steps 5 --sample-steps 2 --out gpu_check_out/dry_run 2>&1 \
+      | grep -v 'it/s]$' | tail -4
+  for m in "sd15 64" "sdxl 128"; do  # the --bench-speed rows, planned
     set -- $m
     "${PYTHON:-python3}" benchmarks/speed_memory.py --model "$1" --latent "$2" --device cuda --backend diffusers \
         --only "baseline;project defaults" --e2e --dry-run | tail -4
@@ -97,18 +132,26 @@ PY
   [ "$ok" = 1 ]; exit $? ;;
 --install)
   part=${2:?which part}
-  if ls ".whl/$part"/*.whl > /dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site ".whl/$part"/*.whl
-  fi
-  echo "installed $part: $(ls ".whl/$part" | wc -l) wheels"
-  [ "${3:-}" = "--run" ] || exit 0 ;;
---bench)
-  # The default edit on CUDA, SD1.5 at 512 px and SDXL at 1024 px architecture with random weights:
+  pipi() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site "$@"; }
+  if ls ".whl/$part"/*.whl > /dev/null 2>&1; then pipi ".whl/$part"/*.whl; fi
+  mkdir -p .site/.chunks
+  for c in ".whl/$part"/*.chunk-*; do [ -e "$c" ] && cp "$c" .site/.chunks/; done
+  for first in .site/.chunks/*.chunk-01-of-*; do  # a chunked wheel whose chunks have all come: join, install
+    [ -e "$first" ] || continue
+    whl=${first%.chunk-01-of-*}; n=${first##*-of-}
+    if [ "$(ls "$whl".chunk-*-of-"$n" | wc -l)" -eq "$((10#$n))" ]; then
+      cat "$whl".chunk-*-of-"$n" > "$whl" && pipi "$whl" && rm -f "$whl" "$whl".chunk-*; echo "joined $(basename "$whl")"
+    fi
+  done
+  echo "installed $part: $(ls ".whl/$part" | wc -l) files"
+  case "${3:-}" in --run) ;; --bench) bench; exit 0 ;; *) exit 0 ;; esac ;;
+--bench) bench; exit 0 ;;
+--bench-speed)
+  # The speed benchmark's rows on CUDA, SD1.5 at 512 px and SDXL at 1024 px with random weights:
   # per-stage s/step and peak VRAM through both backends (the host's at ComfyUI 0.33's defaults),
-  # and the whole default edit end to end through the diffusers path (500 + 500 steps, 6 etas).
+  # and the default edit end to end through the diffusers path (500 + 500 steps, 6 etas).
   OUT=${OUT:-gpu_check_out}; mkdir -p "$OUT"
   export PYTHONPATH=$PWD/.site PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-  set -o pipefail
   for m in "sd15 64" "sdxl 128"; do
     set -- $m
     python3 benchmarks/speed_memory.py --model "$1" --latent "$2" --device cuda --backend diffusers \
@@ -117,7 +160,7 @@ PY
         --backend host --only "project defaults" --warmup 2 --steps 5 --no-e2e --out "$OUT/gpu_$1_host" 2>&1 | tail -20
   done
   exit 0 ;;
-*) echo "usage: $0 --prepare | --dry-run | --install PART [--run] | --bench"; exit 2 ;;
+*) echo "usage: $0 --prepare | --dry-run | --install PART [--run | --bench] | --bench | --bench-speed"; exit 2 ;;
 esac
 
 OUT=${OUT:-gpu_check_out}; mkdir -p "$OUT"
