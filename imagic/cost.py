@@ -30,7 +30,98 @@ GB = 1024 ** 3
 # a step holds above the weights at its peak (activations kept for the backward pass, temporaries,
 # gradients), bf16. ``embedding``: stage 1 (only the text embedding trains); ``finetune``: stage 2, LoRA
 # rank 4; ``_ckpt``: with gradient checkpointing. ``flops_forward``: one forward pass (a sampling step).
-FAMILIES: Dict[str, dict] = {}  # filled below from the committed run
+FAMILIES: Dict[str, dict] = {
+    'Flux': dict(
+        params=11901408320,
+        quantizable_params=11898322944,
+        largest_block_params=339831296,
+        text_tokens=512,
+        flops_embedding=[13901400000000.0, 110670000000000.0, 37406300000000.0],
+        step_bytes_embedding=[3166010000.0, 24070300000.0, 8.06698e-06],
+        flops_finetune=[13920200000000.0, 110912000000000.0, 37406200000000.0],
+        step_bytes_finetune=[4339550000.0, 32715600000.0, 1.21005e-05],
+        flops_finetune_ckpt=[20730800000000.0, 164225000000000.0, 48093800000000.0],
+        step_bytes_finetune_ckpt=[-107038000.0, 12638700000.0, -817215000.0],
+        trainable_params_embedding=2097920,
+        trainable_params_finetune=19351040,
+        flops_forward=[6813010000000.0, 53234700000000.0, 10687500000000.0],
+    ),
+    'ZImage': dict(
+        params=6154908736,
+        quantizable_params=6153863168,
+        largest_block_params=180910336,
+        text_tokens=128,
+        flops_embedding=[2932700000000.0, 87327400000000.0, 25078100000000.0],
+        step_bytes_embedding=[771126000.0, 21979000000.0, 4.03349e-06],
+        flops_finetune=[2936900000000.0, 90288700000000.0, 26250000000000.0],
+        step_bytes_finetune=[1056460000.0, 31721500000.0, 1.6134e-05],
+        flops_finetune_ckpt=[4396970000000.0, 135054000000000.0, 33750000000000.0],
+        step_bytes_finetune_ckpt=[114094000.0, 2251140000.0, 1.00837e-06],
+        trainable_params_embedding=327680,
+        trainable_params_finetune=10960384,
+        flops_forward=[1460440000000.0, 44701400000000.0, 7500000000000.0],
+    ),
+    'QwenImage': dict(
+        params=20430401088,
+        quantizable_params=20424818688,
+        largest_block_params=339831296,
+        text_tokens=128,
+        flops_embedding=[3518740000000.0, 108532000000000.0, 39375000000000.0],
+        step_bytes_embedding=[672504000.0, 20327600000.0, -0.0],
+        flops_finetune=[3539770000000.0, 109065000000000.0, 39375000000000.0],
+        step_bytes_finetune=[1261890000.0, 36276100000.0, 8.06698e-06],
+        flops_finetune_ckpt=[5308370000000.0, 162990000000000.0, 50625000000000.0],
+        step_bytes_finetune_ckpt=[348609000.0, 5044840000.0, -0.0],
+        trainable_params_embedding=458752,
+        trainable_params_finetune=36990464,
+        flops_forward=[1768010000000.0, 53824500000000.0, 11250000000000.0],
+    ),
+    'Flux2': dict(
+        params=32223281152,
+        quantizable_params=32223264768,
+        largest_block_params=981467648,
+        text_tokens=512,
+        flops_embedding=[57738700000000.0, 447793000000000.0, 73500000000000.0],
+        step_bytes_embedding=[7135660000.0, 53939500000.0, 8.06698e-06],
+        flops_finetune=[57708300000000.0, 449172000000000.0, 73500000000000.0],
+        step_bytes_finetune=[9842250000.0, 74062900000.0, 1.6134e-05],
+        flops_finetune_ckpt=[86232700000000.0, 669544000000000.0, 94500000000000.0],
+        step_bytes_finetune_ckpt=[-20583400.0, 10865900000.0, 160217000.0],
+        trainable_params_embedding=7864320,
+        trainable_params_finetune=25181184,
+        flops_forward=[28599500000000.0, 220213000000000.0, 21000000000000.0],
+    ),
+    'Krea2': dict(
+        params=12820073036,
+        quantizable_params=12818579468,
+        largest_block_params=434159872,
+        text_tokens=128,
+        flops_embedding=[7436360000000.0, 192341000000000.0, 36750000000000.0],
+        step_bytes_embedding=[1323670000.0, 28181100000.0, -0.0],
+        flops_finetune=[7370960000000.0, 192657000000000.0, 36750000000000.0],
+        step_bytes_finetune=[1871330000.0, 41180700000.0, 8.06698e-06],
+        flops_finetune_ckpt=[11071100000000.0, 288415000000000.0, 47250000000000.0],
+        step_bytes_finetune_ckpt=[185314000.0, 3103470000.0, 1.00837e-06],
+        trainable_params_embedding=3932160,
+        trainable_params_finetune=14663181,
+        flops_forward=[3709450000000.0, 95655900000000.0, 10500000000000.0],
+    ),
+    'SDXL': dict(
+        params=2567463684,
+        quantizable_params=2565880320,
+        largest_block_params=406558720,
+        text_tokens=77,
+        flops_embedding=[105058000000.0, 11379300000000.0, 2392580000000.0],
+        step_bytes_embedding=[26272400.0, 5044050000.0, 2.01675e-06],
+        flops_finetune=[53234600000.0, 11508500000000.0, 2392580000000.0],
+        step_bytes_finetune=[49149900.0, 6593100000.0, 5.04186e-06],
+        flops_finetune_ckpt=[106031000000.0, 17221300000000.0, 3076170000000.0],
+        step_bytes_finetune_ckpt=[50915400.0, 898474000.0, 19754700.0],
+        trainable_params_embedding=158976,
+        trainable_params_finetune=12353184,
+        flops_forward=[52531000000.0, 5681120000000.0, 683594000000.0],
+    ),
+}
 
 # Which host classes (comfy.supported_models) each key covers: the same network, so the same costs (Krea-dev
 # and Kontext are Flux.1 dev files, detected as Flux).
@@ -56,6 +147,9 @@ FORMATS = {
 }
 QUANTIZED = ("fp8", "Q8_0", "Q5_K", "Q4_K")
 DEQUANTIZED_BYTES = 2  # the bf16 copy a quantized layer makes of its weight for each use
+# What trains (stage 1: the text embedding; stage 2: the LoRA factors) is fp32 with Adam's two fp32 states;
+# it exists before the step, so the counted peak does not hold it (its gradient is in the peak).
+TRAINABLE_BYTES = 12
 
 # Working margin on top of the counted peak: the CUDA context and the allocator's fragmentation.
 MARGIN_FIXED = 1.0 * GB
@@ -134,7 +228,8 @@ def estimate(family: str, width: int, height: int, stage: str = "finetune", meth
     backward pass (all of them in stage 1 and without checkpointing; one block's with it); False estimates
     the layer-at-a-time target.
 
-    Returns memory_bytes (weights + step + margin), weights_bytes, step_bytes, dequantized_bytes,
+    Returns memory_bytes (weights + step + dequantized copies + what trains + margin), weights_bytes,
+    step_bytes, dequantized_bytes, trainable_bytes,
     margin_bytes, flops_per_step, megapixels and the inputs, all estimates.
     """
     f = _family(family)
@@ -158,10 +253,12 @@ def estimate(family: str, width: int, height: int, stage: str = "finetune", meth
     if weight_format in QUANTIZED and keeps_dequantized:
         kept = f["largest_block_params"] if checkpointing else f["quantizable_params"]
         dequantized = kept * DEQUANTIZED_BYTES
+    trainable = f["trainable_params_" + stage] * TRAINABLE_BYTES
     margin = MARGIN_FIXED + MARGIN_FRACTION * (step + dequantized)
     return dict(family=family, width=width, height=height, megapixels=m, stage=stage, method=method,
                 checkpointing=checkpointing, weight_format=weight_format,
-                memory_bytes=int(weights + step + dequantized + margin), weights_bytes=weights, step_bytes=int(step),
+                memory_bytes=int(weights + step + dequantized + trainable + margin), weights_bytes=weights,
+                step_bytes=int(step), trainable_bytes=int(trainable),
                 dequantized_bytes=int(dequantized), margin_bytes=int(margin), flops_per_step=flops, estimate=True)
 
 
@@ -188,7 +285,9 @@ def fits(est: dict, free_bytes: int) -> Tuple[bool, str]:
     need = est["memory_bytes"]
     parts = (f"{est['weights_bytes'] / GB:.1f} GB weights ({est['weight_format']}) + {est['step_bytes'] / GB:.1f} GB "
              f"for the step" + (f" + {est['dequantized_bytes'] / GB:.1f} GB of dequantized weight copies"
-                                if est["dequantized_bytes"] else "") + f" + {est['margin_bytes'] / GB:.1f} GB margin")
+                                if est["dequantized_bytes"] else "")
+             + f" + {est['trainable_bytes'] / GB:.1f} GB trained values and Adam state"
+             + f" + {est['margin_bytes'] / GB:.1f} GB margin")
     what = (f"{NAMES.get(est['family'], est['family'])} at {est['width']}x{est['height']}, "
             + ("stage 1 (embedding)" if est["stage"] == "embedding" else
                f"stage 2 (LoRA{', checkpointing' if est['checkpointing'] else ''})"))
