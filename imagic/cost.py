@@ -30,6 +30,7 @@ GB = 1024 ** 3
 # a step holds above the weights at its peak (activations kept for the backward pass, temporaries,
 # gradients), bf16. ``embedding``: stage 1 (only the text embedding trains); ``finetune``: stage 2, LoRA
 # rank 4; ``_ckpt``: with gradient checkpointing. ``flops_forward``: one forward pass (a sampling step).
+# ``trainable_params_<stage>``: what trains (the embedding; the LoRA factors).
 FAMILIES: Dict[str, dict] = {
     'Flux': dict(
         params=11901408320,
