@@ -11,7 +11,8 @@ pixels:
 * background:   mean |result - photo| (0..1) over the pixels neither the photo's object nor the target's
                 covers (1.5 px margin): the identity the classifier cannot see;
 * structure:    the share of the photo's background variation (gradient, texture; mean colour removed) that
-                the result keeps, 1 - |r - p|^2 / |p|^2: 1 kept, 0 a flat fill of the right mean colour;
+                the result keeps, 1 - |r - p|^2 / |p|^2 clipped at -1: 1 kept, 0 a flat fill of the right mean
+                colour, below 0 a wrong structure;
 * vacated:      mean |result - ideal| where the photo's object was and the target's is not (a ghost shows);
 * to ideal:     mean |result - ideal edit| over the whole image, where the ideal edit is the target drawn
                 with the photo's own background, texture and jitter;
@@ -87,7 +88,8 @@ def score(images, case, classifier):
         # How much of the photo's background structure (gradient, texture) survives, offsets aside: 1 kept,
         # 0 for a flat fill of the right mean colour (an absolute distance alone reads that as close).
         p_bg, r_bg = src[mask] - src[mask].mean(0), x[mask] - x[mask].mean(0)
-        structure = float(1 - ((r_bg - p_bg) ** 2).sum() / max((p_bg ** 2).sum(), 1e-12))
+        # Clipped at -1: on a nearly flat photo background the ratio explodes and would swamp the mean.
+        structure = max(-1.0, float(1 - ((r_bg - p_bg) ** 2).sum() / max((p_bg ** 2).sum(), 1e-12)))
         out.append(dict(success=float(success), kept=float(np.mean(kept)), edit=float(success and all(kept)),
                         background=background, structure=structure, to_ideal=float(np.abs(x - ideal).mean()),
                         vacated=float(np.abs(x - ideal)[vacated].mean()) if vacated.any() else float("nan"),
@@ -305,7 +307,11 @@ def main(argv=None):
     p.add_argument("--model", default=str(MODEL_DIR))
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--stem", default=None, help="output file names (default edit_quality_hard, or _quick)")
+    p.add_argument("--reaggregate", metavar="JSON", help="rewrite a run's tables and plot from its per-case scores "
+                                                         "(structure clipped at -1, as score() now does); no sampling")
     args = p.parse_args(argv)
+    if args.reaggregate:
+        return reaggregate(Path(args.reaggregate))
     if args.quick:
         args.cases = 12
     args.etas = [float(e) for e in args.etas.split(",")]
@@ -360,6 +366,23 @@ def main(argv=None):
     plot(table, out / f"{stem}.png", methods)
     sheet(images, table, methods, out / f"{stem}_examples.png")
     print(markdown(table, meta, methods))
+
+
+def reaggregate(path: Path):
+    """A run's tables and plot again from its JSON's per-case scores (the example sheet needs the images)."""
+    run = json.loads(path.read_text())
+    for c in run["cases"]:
+        for scores in c["scores"].values():
+            for s in scores:
+                s["structure"] = max(-1.0, s["structure"])
+    methods = list(run["table"])
+    table = aggregate(run["cases"], [r["eta"] for r in run["table"][methods[0]]["rows"]], methods)
+    run["table"] = table
+    run["meta"]["reaggregated"] = "structure clipped at -1 per case"
+    path.write_text(json.dumps(run, indent=1))
+    path.with_suffix(".md").write_text(markdown(table, run["meta"], methods))
+    plot(table, path.with_suffix(".png"), methods)
+    print(markdown(table, run["meta"], methods))
 
 
 def os_cores():

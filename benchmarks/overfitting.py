@@ -13,7 +13,7 @@ benchmark's stage 2 (LoRA rank 4, 200 steps at 1e-4, noise levels drawn over all
 All share stage 1 (100 steps at 1e-2), whose distance ||e_opt - e_tgt|| / ||e_tgt|| is recorded, and
 every output is scored as in ``edit_quality.py`` (success, kept, background, edit made and identity kept).
 
-    python benchmarks/overfitting.py --cases 2     # the shape and shape+position cases of edit_quality.py
+    python benchmarks/overfitting.py --cases 2     # the old quick run's two shape cases (common.edit_cases(8))
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import common
 
 common.require("torch", "diffusers", "transformers", "PIL")  # before any work
 
-from common import hard_edit_cases
+from common import edit_cases
 
 import numpy as np
 import torch
@@ -76,7 +76,11 @@ def main(argv=None):
     etas = [float(e) for e in args.etas.split(",")]
     pipe = ImagicPipeline.from_pretrained(args.model, device="cpu")
     classifier = load_classifier()
-    cases = [c for c in hard_edit_cases(18) if "shape" in c["attrs_changed"]][:args.cases]
+    # The two shape edits of the old quick run (edit_cases(8)) that Imagic failed at every eta, even 1.0.
+    from imagic.toy import data
+
+    cases = [dict(c, attrs_changed=("shape",), texture="none", details=data.make_example(c["seed"]).details)
+             for c in edit_cases(8) if c["kind"] == "shape"][:args.cases]
     sample = dict(seed=args.seed, steps=GATE["steps"], guidance=GATE["guidance"])
     kw = dict(seed=args.seed, noise_samples=1)
     per_case, t0 = [], time.time()
