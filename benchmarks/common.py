@@ -115,3 +115,40 @@ def edit_cases(n: int, offset: int = 0):
         cases.append(dict(seed=seed, kind=kind, source=ex.attrs, target=target, image=ex.image,
                           ideal=data.render(target, ex.details), text=data.caption(target)))
     return cases
+
+
+# The harder cases (issue #22): two attributes at once, the non-rigid edits (position, shape, size), and
+# backgrounds with structure the model never saw (textures on top of the gradient) that must survive.
+HARD_KINDS = ("colour", "shape", "size", "position", "colour+size", "shape+position")
+TEXTURES = ("none", "waves", "stripes")
+
+
+def hard_edit_cases(n: int, offset: int = 0):
+    """n fixed cases on test-split images, cycling through HARD_KINDS; within a kind the background
+    cycles through TEXTURES (the gradient alone, coarse waves on it, fine stripes on it).
+
+    Each case: the photo (``image``), what changes (``attrs_changed``), the ideal edit (the target attributes
+    drawn with the photo's own background, texture and jitter), the target text and the photo's caption
+    (``source_text``: FlowEdit and RF-Inversion may use it; Imagic never does).
+    """
+    import numpy as np
+
+    from imagic.toy import data
+
+    cases = []
+    for i, seed in enumerate(data.split_seeds("test", n, 50_000 + offset)):  # away from edit_cases' seeds
+        ex = data.make_example(seed)
+        kind = HARD_KINDS[i % len(HARD_KINDS)]
+        texture_kind = TEXTURES[(i // len(HARD_KINDS)) % len(TEXTURES)]
+        rng = np.random.default_rng([seed, 22])  # its own stream: the photo's attributes and details stay make_example's
+        texture = None if texture_kind == "none" else data.sample_texture(rng, texture_kind)
+        target = dict(ex.attrs)
+        for attr in kind.split("+"):
+            choices = [v for v in data.ATTRIBUTES[attr] if v != ex.attrs[attr]]
+            target[attr] = choices[int(rng.integers(len(choices)))]
+        cases.append(dict(seed=seed, kind=kind, attrs_changed=tuple(kind.split("+")), texture=texture_kind,
+                          source=ex.attrs, target=target, details=ex.details,
+                          image=data.render(ex.attrs, ex.details, texture=texture),
+                          ideal=data.render(target, ex.details, texture=texture),
+                          text=data.caption(target), source_text=data.caption(ex.attrs)))
+    return cases

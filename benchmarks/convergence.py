@@ -23,12 +23,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import common
+
+common.require("torch", "diffusers", "transformers", "matplotlib", "PIL")  # before any work (the plot is last)
+
+from common import edit_cases
+
 import numpy as np
 import torch
 from PIL import Image
-
-import common
-from common import edit_cases
 from imagic import finetune, optimize_embedding
 from imagic.defaults import DEFAULTS
 from imagic.objective import evaluate_objective, held_out_pairs
@@ -83,7 +86,7 @@ def main(argv=None):
     p.add_argument("--model", default=str(MODEL_DIR))
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
-    common.require("matplotlib")  # the plot is written at the end: fail now, not after the run
+    torch.set_num_threads(1)  # the toy UNet has 2 M parameters: more threads oversubscribe a shared machine
     steps = STEPS
     if args.quick:
         args.images, steps = 2, (0, 25, 50)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (the repository on sys.path)
+import common  # the repository on sys.path; the install check
 from common import comfyui_root, machine_info
 from speed.configs import (BASE, FULL_METHOD, HOST_MODEL_CLASS, MERGED, SAMPLE_ROWS, SCHEDULER, UNET_CONFIGS,
                            configurations, param_count, project_defaults, unet_config)
@@ -204,6 +204,8 @@ def main(argv=None):
     if host and args.full_impl == "inplace":
         ap.error("the host backend fine-tunes all weights only as the Fine-tune UNet node does (the core's "
                  "FullDelta); --full-impl inplace is diffusers-only")
+    # Before any work: the host backend runs in ComfyUI's environment (torch, no diffusers needed).
+    common.require("torch", *(() if host else ("diffusers", "transformers")))
 
     import torch
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

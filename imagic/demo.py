@@ -35,6 +35,13 @@ SETTINGS = dict(embedding_steps=50, lr_embedding=2e-2, finetune_steps=100, lr_fi
 # neither the input's object nor the target's covers (1.5 px margin). For scale, on this example: another
 # held-out image's background is 0.12 away (median of 200), the input's own gradient reversed 0.10.
 BACKGROUND_LIMIT = 0.05
+# The distance above is an average: a flat fill of the right mean colour scores well on it while the photo's
+# gradient is gone. So the sheet also reads the share of the photo's background variation that is kept
+# (background_structure: 1 kept, 0 flat). Below this share the demo says the gradient was flattened.
+STRUCTURE_LIMIT = 0.4
+# The toy UNet has 2 M parameters: a second thread buys little and, on a machine running anything else,
+# oversubscribes its cores. The demo runs on one (tests/conftest.py does the same for the tests' models).
+DEMO_THREADS = 1
 
 
 def example_image():
@@ -80,6 +87,7 @@ class DemoRun:
     images: list  # input, then one PIL image per eta
     readings: List[Reading]  # the same order
     background: List[float]  # background distance to the input, the same order
+    structure: List[float]  # share of the input's background variation kept, the same order
     chosen: int  # index (in images) of the default eta
     seed: int
     seconds: float = 0.0
@@ -97,6 +105,20 @@ def background_distance(image, example, target: dict) -> float:
     mask = data.background_mask(example.details, example.attrs, target)
     diff = np.abs(np.asarray(image, np.float32) - example.image.astype(np.float32)) / 255
     return float(diff[mask].mean())
+
+
+def background_structure(image, example, target: dict) -> float:
+    """The share of the photo's background variation (its gradient; mean colour removed) that ``image`` keeps,
+    over the same pixels as :func:`background_distance`: 1 - |r - p|^2 / |p|^2; 1 kept, 0 a flat fill."""
+    import numpy as np
+
+    from .toy import data
+
+    mask = data.background_mask(example.details, example.attrs, target)
+    p = example.image.astype(np.float32)[mask] / 255
+    r = np.asarray(image, np.float32)[mask] / 255
+    p, r = p - p.mean(0), r - r.mean(0)
+    return float(1 - ((r - p) ** 2).sum() / max(float((p ** 2).sum()), 1e-12))
 
 
 def read(images, target: dict) -> List[Reading]:
@@ -123,6 +145,7 @@ def make_demo(seed: int = DEMO_SEED, progress=None) -> DemoRun:
     images = [image] + edits
     readings = read(images, target)
     background = [background_distance(im, example, target) for im in images]
+    structure = [background_structure(im, example, target) for im in images]
     chosen = 1 + ETAS.index(DEFAULTS["eta"])
     settings = dict(SETTINGS, **sampler(), seed=seed)
     sheet, boxes = contact_sheet(
@@ -131,11 +154,14 @@ def make_demo(seed: int = DEMO_SEED, progress=None) -> DemoRun:
                "eta mixes the two embeddings: 0 rebuilds the photo, 1 is the target text alone. "
                f"Framed: the default, eta {DEFAULTS['eta']}.",
                "Under each image: what the toy's attribute classifier reads (green: the target, grey: the photo, "
-               "red: neither), and bg: the background's mean difference from the photo's (0..1).",
+               "red: neither); bg: the background's mean difference from the photo's (0..1), and the share of the "
+               "photo's gradient kept (1 all, 0 flat).",
                f"Toy model (2 M parameters, 32x32 px), short stages: {describe_settings(settings)}."],
-        captions=[_caption(r, example.attrs, b, i == 0) for i, (r, b) in enumerate(zip(readings, background))],
+        captions=[_caption(r, example.attrs, b, st, i == 0)
+                  for i, (r, b, st) in enumerate(zip(readings, background, structure))],
         chosen=chosen)
-    return DemoRun(sheet, boxes, images, readings, background, chosen, seed, settings=settings, source=example.attrs)
+    return DemoRun(sheet, boxes, images, readings, background, structure, chosen, seed, settings=settings,
+                   source=example.attrs)
 
 
 def _verdict(reading: Reading, source: dict, is_input: bool) -> Tuple[str, object]:
@@ -150,11 +176,11 @@ def _verdict(reading: Reading, source: dict, is_input: bool) -> Tuple[str, objec
     return "not: " + ", ".join(reading.wrong), (200, 30, 30)
 
 
-def _caption(reading: Reading, source: dict, background: float, is_input: bool):
+def _caption(reading: Reading, source: dict, background: float, structure: float, is_input: bool):
     first, second = reading.text().split(" on the ")
     verdict, colour = _verdict(reading, source, is_input)
     return [(first, colour), ("on the " + second, colour), (f"{verdict} (p {reading.confidence:.2f})", colour),
-            "" if is_input else f"bg {background:.3f}"]
+            "" if is_input else f"bg {background:.3f}, gradient {structure:.2f}"]
 
 
 def describe_settings(settings: dict) -> str:
@@ -170,6 +196,9 @@ def run_demo(args) -> List[Path]:
     from .output import quiet_libraries, save_image, stage_bar
     from .toy import MODEL_DIR
 
+    import torch
+
+    torch.set_num_threads(DEMO_THREADS)
     start = time.perf_counter()
     out = Path(args.out)
     from .output import image_format
@@ -177,7 +206,7 @@ def run_demo(args) -> List[Path]:
     image_format(out)  # a wrong extension fails before the minute of work
     print(f"imagic demo: the toy model's example photo edited with the text {TARGET_TEXT!r}\n"
           f"  model {MODEL_DIR} (2 M parameters, 32x32 px, shipped); short stages for a toy: "
-          f"{describe_settings(dict(SETTINGS, **sampler(), seed=args.seed))}", flush=True)
+          f"{describe_settings(dict(SETTINGS, **sampler(), seed=args.seed))}; {DEMO_THREADS} torch thread", flush=True)
     quiet_libraries()
     run = make_demo(args.seed, progress=stage_bar())
     run.path = save_image(run.sheet, out).resolve()
@@ -190,23 +219,28 @@ def summary(run: DemoRun) -> str:
     """The readings per eta, where the sheet went, the time, and what to look at (true to this run)."""
     lines = [f"what the toy classifier reads (the target: {TARGET_TEXT[2:]}):"]
     labels = ["input"] + [f"eta {e:.1f}" for e in ETAS]
-    for i, (label, r, b) in enumerate(zip(labels, run.readings, run.background)):
+    for i, (label, r, b, st) in enumerate(zip(labels, run.readings, run.background, run.structure)):
         verdict, _ = _verdict(r, run.source, i == 0)
         lines.append(f"  {label:8s} {r.text():32s} p {r.confidence:.2f}  {verdict:18s}"
-                     + (f"  background {b:.3f}" if i else "") + ("  <- the default" if i == run.chosen else ""))
+                     + (f"  background {b:.3f}, gradient kept {st:.2f}" if i else "")
+                     + ("  <- the default" if i == run.chosen else ""))
     eta = DEFAULTS["eta"]
-    r, b = run.readings[run.chosen], run.background[run.chosen]
+    r, b, st = run.readings[run.chosen], run.background[run.chosen], run.structure[run.chosen]
     lines.append(f"wrote {run.path} in {run.seconds:.0f} s")
-    if r.is_target and b < BACKGROUND_LIMIT:
+    if r.is_target and b < BACKGROUND_LIMIT and st >= STRUCTURE_LIMIT:
         lines.append(f"look at the framed column (eta {eta}, the default): the triangle grew, a non-rigid edit, and "
                      f"kept its colour and its place; the background stays close to the photo's (difference "
-                     f"{b:.3f}; another photo's background is about 0.12 away). eta 0 rebuilds the photo; "
-                     "towards eta 1 the text weighs more and the photo less.")
+                     f"{b:.3f}; another photo's background is about 0.12 away)"
+                     + (f", but only {st:.2f} of its gradient's variation is kept ({run.structure[1]:.2f} at eta 0): "
+                        "the background is greyer than the photo's" if st < 0.8 else f", its gradient kept ({st:.2f})")
+                     + ". eta 0 rebuilds the photo; towards eta 1 the text weighs more and the photo less.")
     else:
         problem = (f"the classifier reads {r.text()!r}; compare the other etas" if not r.is_target else
                    f"its background is {b:.3f} from the photo's (the limit: {BACKGROUND_LIMIT}), and "
                    f"{run.background[1]:.3f} at eta 0: at this seed the short fine-tune does not rebuild the "
-                   "photo's background")
+                   "photo's background" if b >= BACKGROUND_LIMIT else
+                   f"it keeps {st:.2f} of the photo's background gradient (the limit: {STRUCTURE_LIMIT}): the "
+                   "background is flattened")
         lines.append(f"look at the framed column (eta {eta}, the default): at seed {run.seed} it is not the clean "
                      f"edit: {problem}. The README shows seed {DEMO_SEED}.")
     return "\n".join(lines)

@@ -49,6 +49,9 @@ def test_demo_default_eta_is_the_target_edit_on_the_photos_background(tmp_path, 
     chosen_line = next(line for line in stdout.splitlines() if "<- the default" in line)
     assert chosen_line.split()[:2] == ["eta", f"{DEFAULTS['eta']:.1f}"] and "the target" in chosen_line
     assert f"background {distance:.3f}" in chosen_line
+    # The gradient reading on the sheet and in the summary is the tile's own (a flat grey would read near 0).
+    kept = demo.background_structure(tiles[run.chosen], example, target)
+    assert kept == run.structure[run.chosen] and f"gradient kept {kept:.2f}" in chosen_line
     assert "look at the framed column" in stdout and "not the clean edit" not in stdout
     # An ordinary file: 0666 less the umask, not the temporary file's 0600.
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o666 & ~current_umask()
@@ -75,3 +78,22 @@ def test_background_distance_separates_the_photos_background_from_another_one():
     assert demo.background_distance(data.render(target, ex.details), ex, target) == 0.0
     reversed_bg = dataclasses.replace(ex.details, bg_angle=ex.details.bg_angle + np.pi)
     assert demo.background_distance(data.render(target, reversed_bg), ex, target) > 1.5 * demo.BACKGROUND_LIMIT
+
+
+def test_background_structure_reads_a_flat_fill_as_lost_where_the_distance_does_not():
+    """A flat fill of the photo's mean background colour is only 0.05 away on the distance (the demo's limit;
+    another photo is 0.12) but keeps none of the gradient; the ideal edit keeps all of it, the reversed
+    gradient less than none."""
+    import dataclasses
+
+    ex = data.make_example(demo.EXAMPLE_SEED)
+    target = data.parse_caption(demo.TARGET_TEXT)
+    ideal = data.render(target, ex.details)
+    assert demo.background_structure(ideal, ex, target) == 1.0
+    mask = data.background_mask(ex.details, ex.attrs, target)
+    flat = ideal.copy()
+    flat[mask] = ex.image[mask].mean(0).round().astype(np.uint8)
+    assert abs(demo.background_structure(flat, ex, target)) < 0.01
+    assert demo.background_distance(flat, ex, target) < 2 * demo.BACKGROUND_LIMIT
+    reversed_bg = dataclasses.replace(ex.details, bg_angle=ex.details.bg_angle + np.pi)
+    assert demo.background_structure(data.render(target, reversed_bg), ex, target) < 0

@@ -178,14 +178,42 @@ def background_mask(details: Details, *attrs: dict, margin: float = 1.5) -> np.n
     return mask
 
 
-def render(attrs: dict, details: Details, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Render to a uint8 [size, size, 3] array."""
+@dataclass(frozen=True)
+class Texture:
+    """Structure on the background that no training image has: a sum of plane waves (grey levels).
+
+    The edit benchmark's harder cases draw it (``sample_texture``) so that a method must keep a
+    background the model cannot redraw from the caption; ``make_example`` never draws it.
+    """
+
+    waves: tuple  # ((amplitude, period px, angle rad, phase rad), ...)
+
+
+def sample_texture(rng: np.random.Generator, kind: str = "waves") -> Texture:
+    """``"stripes"``: one fine wave (period 3.5..6 px); ``"waves"``: three coarser ones (6..14 px)."""
+    if kind == "stripes":
+        n, periods, amp = 1, (3.5, 6.0), (14.0, 20.0)
+    elif kind == "waves":
+        n, periods, amp = 3, (6.0, 14.0), (7.0, 11.0)
+    else:
+        raise ValueError(f"unknown texture kind {kind!r} (expected 'stripes' or 'waves')")
+    return Texture(tuple((float(rng.uniform(*amp)), float(rng.uniform(*periods)), float(rng.uniform(0, np.pi)),
+                          float(rng.uniform(0, 2 * np.pi))) for _ in range(n)))
+
+
+def render(attrs: dict, details: Details, size: int = IMAGE_SIZE, texture: Texture | None = None) -> np.ndarray:
+    """Render to a uint8 [size, size, 3] array (``texture``: added to the background, see :class:`Texture`)."""
     n = size
     # background: linear gradient from bg_a to bg_b along bg_angle
     c = (np.arange(n, dtype=np.float32) + 0.5) / n - 0.5
     u = np.cos(details.bg_angle) * c[None, :] + np.sin(details.bg_angle) * c[:, None]
     t = np.clip(u / np.sqrt(0.5) * 0.5 + 0.5, 0, 1)[..., None]
     bg = (1 - t) * np.asarray(details.bg_a, np.float32) + t * np.asarray(details.bg_b, np.float32)
+    if texture is not None:
+        px = (np.arange(n, dtype=np.float32) + 0.5) * IMAGE_SIZE / n  # in 32-px units, so any size draws the same
+        for amp, period, angle, phase in texture.waves:
+            w = np.cos(angle) * px[None, :] + np.sin(angle) * px[:, None]
+            bg = bg + (amp * np.sin(2 * np.pi * w / period + phase))[..., None]
 
     cov = object_coverage(attrs, details, size=n)[..., None]
     fg = np.clip(np.asarray(COLOUR_RGB[attrs["colour"]], np.float32) + np.asarray(details.tint, np.float32), 0, 255)
