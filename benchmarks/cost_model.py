@@ -431,11 +431,6 @@ def count_worker(names, sizes, stages, checkpointing, full_depth=False) -> dict:
         for px in sizes:
             for stage in stages:
                 for ckpt in checkpointing:
-                    if stage == "embedding" and ckpt:
-                        # The Optimize Embedding node has no checkpointing, and with the host's checkpointing
-                        # the recomputed forward saves other tensors than the first when only the embedding
-                        # trains (torch.utils.checkpoint refuses it): not counted.
-                        continue
                     t0 = time.perf_counter()
                     forward = stage == STAGES[0] and not ckpt
                     if full_depth or not blocks:
@@ -584,8 +579,8 @@ def coefficients_source(coefficients: dict) -> str:
 
 
 def md_table(cost, families, sizes, formats=("bf16", "fp8", "Q8_0", "Q4_K")) -> list:
-    head = ("| family | px | stage 1 TFLOP/step | stage 2 TFLOP/step (ckpt) | default edit PFLOP | "
-            + " | ".join(f"GB {f} (st.1 / st.2 ckpt)" for f in formats) + " | min, 4090 | min, 3090 | min, H100 |")
+    head = ("| family | px | stage 1 TFLOP/step (ckpt) | stage 2 TFLOP/step (ckpt) | default edit PFLOP | "
+            + " | ".join(f"GB {f} (st.1 / st.2, ckpt)" for f in formats) + " | min, 4090 | min, 3090 | min, H100 |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in families:
         for px in sizes:
@@ -604,14 +599,13 @@ def md_table(cost, families, sizes, formats=("bf16", "fp8", "Q8_0", "Q4_K")) -> 
 def readme_rows(cost) -> list:
     """README's 'Will it fit, how long' table: each family's default edit at 1024 px (both stages, the larger
     stage's memory), as imagic.cost estimates it (tests/test_cost.py checks the README against it)."""
-    out = ["| family | GB, bf16 | GB, fp8 | GB, Q4_K | min, RTX 4090 | min, RTX 3090 | GB, fp8 without the dequantized copies |",
+    out = ["| family | GB, bf16 | GB, fp8 | GB, Q4_K | min, RTX 4090 | min, RTX 3090 | min, H100 SXM |",
            "|---|---:|---:|---:|---:|---:|---:|"]
     for key in cost.FAMILIES:
         mem = [cost.edit_estimate(key, 1024, 1024, weight_format=f)["memory_bytes"] / GB for f in ("bf16", "fp8", "Q4_K")]
         secs = cost.edit_estimate(key, 1024, 1024, weight_format="fp8")["seconds"]
-        target = cost.edit_estimate(key, 1024, 1024, weight_format="fp8", keeps_dequantized=False)["memory_bytes"] / GB
         out.append(f"| {cost.NAMES[key]} | " + " | ".join(f"{v:.0f}" for v in mem)
-                   + f" | {secs['RTX 4090'] / 60:.0f} | {secs['RTX 3090'] / 60:.0f} | {target:.0f} |")
+                   + f" | {secs['RTX 4090'] / 60:.0f} | {secs['RTX 3090'] / 60:.0f} | {secs['H100 SXM'] / 60:.0f} |")
     return out
 
 
@@ -642,9 +636,8 @@ def write_results(counts: dict, fitted: dict, check: list, out: Path):
                              attention=counts["attention"], margin=cost.MARGIN_NOTE, gpus=cost.GPUS,
                              utilisation=cost.UTILISATION),
                machine=machine_info("cpu", backend="host"), counts=counts, fit=fitted, check=check,
-               five_minutes={f"{n} {f}, {'today' if keep else 'without the dequantized copies'}":
-                             five_minute_plans(cost, n, f, keep)
-                             for keep in (True, False) for n in ("Flux", "ZImage") for f in ("fp8", "Q8_0", "Q4_K")})
+               five_minutes={f"{n} {f}": five_minute_plans(cost, n, f, False)
+                             for n in ("Flux", "ZImage") for f in ("fp8", "Q8_0", "Q4_K")})
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))
     m = doc["machine"]
     lines = [
@@ -660,12 +653,12 @@ def write_results(counts: dict, fitted: dict, check: list, out: Path):
         f"Assumptions: {cost.MARGIN_NOTE} Sustained throughput = {cost.UTILISATION:.0%} of the spec-sheet dense "
         "bf16 tensor peak (fp32 accumulate): " + ", ".join(f"{g} {v['peak_tflops']:g} TFLOP/s, {v['memory_bytes'] / GB:.0f} GB"
                                                             for g, v in cost.GPUS.items()) + ". "
-        "Stage 1 is the Optimize Embedding node (no checkpointing); stage 2 the Fine-tune node's default (LoRA rank "
-        f"{LORA_RANK}, gradient checkpointing). The default edit is 500 + 500 steps (imagic/defaults.py), "
-        "sampling not included. Quantized formats: as the pack runs them today, stage 1 (and stage 2 without "
-        "checkpointing) keeps each layer's dequantized bf16 weight for the backward pass "
-        "(results/weight_formats_cpu.md), so their stage-1 memory is about the bf16 model's; with checkpointing "
-        "only the recomputed block's copies. Text encoders and the VAE are not resident while the nodes train "
+        "Stage 1 is the Optimize Embedding node, stage 2 the Fine-tune node (LoRA rank "
+        f"{LORA_RANK}), both with their default gradient checkpointing. The default edit is 500 + 500 steps "
+        "(imagic/defaults.py), sampling not included. Quantized formats: each layer's weight is dequantized when "
+        "the layer runs and made again in the backward pass, never kept for it (README, Weight formats): their "
+        "memory is their size plus the same step as bf16 (the dequantization's own transient memory is not "
+        "counted). Text encoders and the VAE are not resident while the nodes train "
         "(ComfyUI unloads them when the memory is needed) and are not counted.",
         "",
     ]

@@ -22,8 +22,8 @@ from typing import Dict, Optional, Tuple
 
 GB = 1024 ** 3
 
-# The run that produced FAMILIES: `python benchmarks/cost_model.py` (2026-12-03, ComfyUI 0.33.0, torch 2.14.1,
-# CPU, fake tensors; paste `python benchmarks/cost_model.py --coefficients` here after a new run).
+# The run that produced FAMILIES: `python benchmarks/cost_model.py` (2026-12-03, ComfyUI 0.33.0, torch 2.14.1, CPU, fake
+# tensors; the pack with stage-1 checkpointing and the checkpointed in-place probe fixed; paste `python benchmarks/cost_model.py --coefficients` here after a new run).
 # Per family: parameter counts (all; the weights of linear/conv layers, which a quantized file stores
 # quantized; the largest block, what checkpointing recomputes at once); the text tokens assumed; and per
 # stage, (c0, c1, c2) of c0 + c1 * m + c2 * m^2 at m megapixels for the FLOPs of one step and for the bytes
@@ -32,20 +32,73 @@ GB = 1024 ** 3
 # rank 4; ``_ckpt``: with gradient checkpointing. ``flops_forward``: one forward pass (a sampling step).
 # ``trainable_params_<stage>``: what trains (the embedding; the LoRA factors).
 FAMILIES: Dict[str, dict] = {
+    'SDXL': dict(
+        params=2567463684,
+        quantizable_params=2565880320,
+        largest_block_params=406558720,
+        text_tokens=77,
+        flops_embedding=[105058000000.0, 11379300000000.0, 2392580000000.0],
+        step_bytes_embedding=[26639500.0, 6524050000.0, -1.00837e-06],
+        flops_embedding_ckpt=[157574000000.0, 16542900000000.0, 3076170000000.0],
+        step_bytes_embedding_ckpt=[5225100.0, 901930000.0, 1.26047e-07],
+        flops_finetune=[53234600000.0, 11508500000000.0, 2392580000000.0],
+        step_bytes_finetune=[49149900.0, 6593100000.0, 5.04186e-06],
+        flops_finetune_ckpt=[106031000000.0, 17221300000000.0, 3076170000000.0],
+        step_bytes_finetune_ckpt=[50915400.0, 898474000.0, 19754700.0],
+        trainable_params_embedding=158976,
+        trainable_params_finetune=12353184,
+        flops_forward=[52531000000.0, 5681120000000.0, 683594000000.0],
+    ),
     'Flux': dict(
         params=11901408320,
         quantizable_params=11898322944,
         largest_block_params=339831296,
         text_tokens=512,
         flops_embedding=[13901400000000.0, 110670000000000.0, 37406300000000.0],
-        step_bytes_embedding=[3166010000.0, 24070300000.0, 8.06698e-06],
+        step_bytes_embedding=[4305760000.0, 32574000000.0, 24592900.0],
+        flops_embedding_ckpt=[20701400000000.0, 163902000000000.0, 48093800000000.0],
+        step_bytes_embedding_ckpt=[283825000.0, 2094140000.0, 5.04186e-07],
         flops_finetune=[13920200000000.0, 110912000000000.0, 37406200000000.0],
-        step_bytes_finetune=[4339550000.0, 32715600000.0, 1.21005e-05],
+        step_bytes_finetune=[4342700000.0, 32739600000.0, 2.01675e-05],
         flops_finetune_ckpt=[20730800000000.0, 164225000000000.0, 48093800000000.0],
-        step_bytes_finetune_ckpt=[-107038000.0, 12638700000.0, -817215000.0],
+        step_bytes_finetune_ckpt=[294108000.0, 2166700000.0, 5.04186e-07],
         trainable_params_embedding=2097920,
         trainable_params_finetune=19351040,
         flops_forward=[6813010000000.0, 53234700000000.0, 10687500000000.0],
+    ),
+    'Flux2': dict(
+        params=32223281152,
+        quantizable_params=32223264768,
+        largest_block_params=981467648,
+        text_tokens=512,
+        flops_embedding=[57738700000000.0, 447793000000000.0, 73500000000000.0],
+        step_bytes_embedding=[8938160000.0, 67523500000.0, 1.6134e-05],
+        flops_embedding_ckpt=[86240200000000.0, 667994000000000.0, 94500000000000.0],
+        step_bytes_embedding_ckpt=[614435000.0, 4328270000.0, 2.01675e-06],
+        flops_finetune=[57708300000000.0, 449172000000000.0, 73500000000000.0],
+        step_bytes_finetune=[9842250000.0, 74062900000.0, 1.6134e-05],
+        flops_finetune_ckpt=[86232700000000.0, 669544000000000.0, 94500000000000.0],
+        step_bytes_finetune_ckpt=[646616000.0, 4615080000.0, 1.00837e-06],
+        trainable_params_embedding=7864320,
+        trainable_params_finetune=25181184,
+        flops_forward=[28599500000000.0, 220213000000000.0, 21000000000000.0],
+    ),
+    'QwenImage': dict(
+        params=20430401088,
+        quantizable_params=20424818688,
+        largest_block_params=339831296,
+        text_tokens=128,
+        flops_embedding=[3518740000000.0, 108532000000000.0, 39375000000000.0],
+        step_bytes_embedding=[1000580000.0, 30311600000.0, 8.06698e-06],
+        flops_embedding_ckpt=[5283910000000.0, 162354000000000.0, 50625000000000.0],
+        step_bytes_embedding_ckpt=[-167994000.0, 9048560000.0, -0.0],
+        flops_finetune=[3539770000000.0, 109065000000000.0, 39375000000000.0],
+        step_bytes_finetune=[1022580000.0, 36300100000.0, -0.0],
+        flops_finetune_ckpt=[5308370000000.0, 162990000000000.0, 50625000000000.0],
+        step_bytes_finetune_ckpt=[348609000.0, 5044840000.0, -0.0],
+        trainable_params_embedding=458752,
+        trainable_params_finetune=36990464,
+        flops_forward=[1768010000000.0, 53824500000000.0, 11250000000000.0],
     ),
     'ZImage': dict(
         params=6154908736,
@@ -53,7 +106,9 @@ FAMILIES: Dict[str, dict] = {
         largest_block_params=180910336,
         text_tokens=128,
         flops_embedding=[2932700000000.0, 87327400000000.0, 25078100000000.0],
-        step_bytes_embedding=[771126000.0, 21979000000.0, 4.03349e-06],
+        step_bytes_embedding=[918582000.0, 26179000000.0, 8.06698e-06],
+        flops_embedding_ckpt=[4390540000000.0, 129260000000000.0, 32109400000000.0],
+        step_bytes_embedding_ckpt=[73406000.0, 2096450000.0, 7.56279e-07],
         flops_finetune=[2936900000000.0, 90288700000000.0, 26250000000000.0],
         step_bytes_finetune=[1056460000.0, 31721500000.0, 1.6134e-05],
         flops_finetune_ckpt=[4396970000000.0, 135054000000000.0, 33750000000000.0],
@@ -62,65 +117,22 @@ FAMILIES: Dict[str, dict] = {
         trainable_params_finetune=10960384,
         flops_forward=[1460440000000.0, 44701400000000.0, 7500000000000.0],
     ),
-    'QwenImage': dict(
-        params=20430401088,
-        quantizable_params=20424818688,
-        largest_block_params=339831296,
-        text_tokens=128,
-        flops_embedding=[3518740000000.0, 108532000000000.0, 39375000000000.0],
-        step_bytes_embedding=[672504000.0, 20327600000.0, -0.0],
-        flops_finetune=[3539770000000.0, 109065000000000.0, 39375000000000.0],
-        step_bytes_finetune=[1261890000.0, 36276100000.0, 8.06698e-06],
-        flops_finetune_ckpt=[5308370000000.0, 162990000000000.0, 50625000000000.0],
-        step_bytes_finetune_ckpt=[348609000.0, 5044840000.0, -0.0],
-        trainable_params_embedding=458752,
-        trainable_params_finetune=36990464,
-        flops_forward=[1768010000000.0, 53824500000000.0, 11250000000000.0],
-    ),
-    'Flux2': dict(
-        params=32223281152,
-        quantizable_params=32223264768,
-        largest_block_params=981467648,
-        text_tokens=512,
-        flops_embedding=[57738700000000.0, 447793000000000.0, 73500000000000.0],
-        step_bytes_embedding=[7135660000.0, 53939500000.0, 8.06698e-06],
-        flops_finetune=[57708300000000.0, 449172000000000.0, 73500000000000.0],
-        step_bytes_finetune=[9842250000.0, 74062900000.0, 1.6134e-05],
-        flops_finetune_ckpt=[86232700000000.0, 669544000000000.0, 94500000000000.0],
-        step_bytes_finetune_ckpt=[-20583400.0, 10865900000.0, 160217000.0],
-        trainable_params_embedding=7864320,
-        trainable_params_finetune=25181184,
-        flops_forward=[28599500000000.0, 220213000000000.0, 21000000000000.0],
-    ),
     'Krea2': dict(
         params=12820073036,
         quantizable_params=12818579468,
         largest_block_params=434159872,
         text_tokens=128,
         flops_embedding=[7436360000000.0, 192341000000000.0, 36750000000000.0],
-        step_bytes_embedding=[1323670000.0, 28181100000.0, -0.0],
+        step_bytes_embedding=[1680450000.0, 35797100000.0, 1.6134e-05],
+        flops_embedding_ckpt=[11127000000000.0, 287991000000000.0, 47250000000000.0],
+        step_bytes_embedding_ckpt=[-363666000.0, 4201580000.0, -787878000.0],
         flops_finetune=[7370960000000.0, 192657000000000.0, 36750000000000.0],
-        step_bytes_finetune=[1871330000.0, 41180700000.0, 8.06698e-06],
+        step_bytes_finetune=[1879190000.0, 41180700000.0, 8.06698e-06],
         flops_finetune_ckpt=[11071100000000.0, 288415000000000.0, 47250000000000.0],
         step_bytes_finetune_ckpt=[185314000.0, 3103470000.0, 1.00837e-06],
         trainable_params_embedding=3932160,
         trainable_params_finetune=14663181,
         flops_forward=[3709450000000.0, 95655900000000.0, 10500000000000.0],
-    ),
-    'SDXL': dict(
-        params=2567463684,
-        quantizable_params=2565880320,
-        largest_block_params=406558720,
-        text_tokens=77,
-        flops_embedding=[105058000000.0, 11379300000000.0, 2392580000000.0],
-        step_bytes_embedding=[26272400.0, 5044050000.0, 2.01675e-06],
-        flops_finetune=[53234600000.0, 11508500000000.0, 2392580000000.0],
-        step_bytes_finetune=[49149900.0, 6593100000.0, 5.04186e-06],
-        flops_finetune_ckpt=[106031000000.0, 17221300000000.0, 3076170000000.0],
-        step_bytes_finetune_ckpt=[50915400.0, 898474000.0, 19754700.0],
-        trainable_params_embedding=158976,
-        trainable_params_finetune=12353184,
-        flops_forward=[52531000000.0, 5681120000000.0, 683594000000.0],
     ),
 }
 
@@ -219,15 +231,14 @@ def weight_bytes_of(family: str, weight_format: str = "bf16") -> int:
 
 def estimate(family: str, width: int, height: int, stage: str = "finetune", method: str = "lora",
              checkpointing: Optional[bool] = None, weight_format: str = "bf16", weight_bytes: Optional[int] = None,
-             keeps_dequantized: bool = True) -> dict:
+             keeps_dequantized: bool = False) -> dict:
     """Estimated GPU memory and FLOPs of one training step of ``family`` at ``width`` x ``height`` pixels.
 
-    stage: "embedding" (stage 1, Optimize Embedding: no checkpointing) or "finetune" (stage 2, LoRA;
-    checkpointing defaults to on, the Fine-tune node's default). weight_format: how the file stores the
-    weights (see FORMATS); weight_bytes overrides the weights' size (e.g. the file's). keeps_dequantized:
-    quantized weights as the pack trains them today, each layer's dequantized bf16 weight kept for the
-    backward pass (all of them in stage 1 and without checkpointing; one block's with it); False estimates
-    the layer-at-a-time target.
+    stage: "embedding" (stage 1, Optimize Embedding) or "finetune" (stage 2, LoRA); checkpointing defaults
+    to on, both nodes' default. weight_format: how the file stores the weights (see FORMATS); weight_bytes
+    overrides the weights' size (e.g. the file's). Quantized weights are made again per layer in the backward
+    pass, never kept for it; keeps_dequantized=True gives the memory of the pack before that (each layer's
+    dequantized bf16 weight kept: all of them without checkpointing, one block's with it), for comparison.
 
     Returns memory_bytes (weights + step + dequantized copies + what trains + margin), weights_bytes,
     step_bytes, dequantized_bytes, trainable_bytes,
@@ -242,9 +253,7 @@ def estimate(family: str, width: int, height: int, stage: str = "finetune", meth
         if isinstance(v, bool) or not isinstance(v, int) or v < 64:
             raise CostError(f"{name} must be a whole number of pixels, 64 or more, got {v!r}")
     if checkpointing is None:
-        checkpointing = stage == "finetune"
-    if stage == "embedding" and checkpointing:
-        raise CostError("stage 1 (embedding) has no gradient checkpointing: the Optimize Embedding node trains without it")
+        checkpointing = True
     m = width * height / 1e6
     key = stage + ("_ckpt" if checkpointing else "")
     flops = _quadratic(f["flops_" + key], m)
@@ -274,7 +283,7 @@ def edit_estimate(family: str, width: int, height: int, embedding_steps: int = 5
                   weight_format: str = "bf16", checkpointing: bool = True, **kwargs) -> dict:
     """Both training stages of one edit (defaults: imagic/defaults.py's 500 + 500 steps, the Fine-tune node's
     checkpointing): total FLOPs, estimated seconds per GPU class, and the larger stage's memory. Sampling not included."""
-    s1 = estimate(family, width, height, "embedding", checkpointing=False, weight_format=weight_format, **kwargs)
+    s1 = estimate(family, width, height, "embedding", checkpointing=checkpointing, weight_format=weight_format, **kwargs)
     s2 = estimate(family, width, height, "finetune", checkpointing=checkpointing, weight_format=weight_format, **kwargs)
     flops = embedding_steps * s1["flops_per_step"] + finetune_steps * s2["flops_per_step"]
     return dict(flops=flops, seconds={g: seconds_for(flops, g) for g in GPUS},
@@ -290,13 +299,13 @@ def fits(est: dict, free_bytes: int) -> Tuple[bool, str]:
              + f" + {est['trainable_bytes'] / GB:.1f} GB trained values and Adam state"
              + f" + {est['margin_bytes'] / GB:.1f} GB margin")
     what = (f"{NAMES.get(est['family'], est['family'])} at {est['width']}x{est['height']}, "
-            + ("stage 1 (embedding)" if est["stage"] == "embedding" else
-               f"stage 2 (LoRA{', checkpointing' if est['checkpointing'] else ''})"))
+            + ("stage 1 (embedding" if est["stage"] == "embedding" else "stage 2 (LoRA")
+            + (", checkpointing)" if est["checkpointing"] else ")"))
     text = f"{what} needs about {need / GB:.1f} GB (an estimate: {parts}); {free_bytes / GB:.1f} GB free"
     if need <= free_bytes:
         return True, text + ": it should fit."
     hints = []
-    if est["stage"] == "finetune" and not est["checkpointing"]:
+    if not est["checkpointing"]:
         hints.append("turn on gradient checkpointing")
     if est["megapixels"] > 0.3:
         hints.append("edit a smaller image (memory grows with the pixels)")

@@ -16,6 +16,16 @@ DEFAULTS = dict(
     method="lora", rank=4, seed=0, noise_samples=1,
     sample_steps=50, guidance=7.5, eta=0.7,
 )
+# The flow workflows' own steps and photo size: 500 + 500 steps at 1024 px are about an hour of training for
+# Flux.1 dev and 45 min for Z-Image on an RTX 4090 (imagic/cost.py, estimates), so these two workflows ship what
+# the estimates put at about 3-3.5 min on a 24 GB card of that class with an fp8 file (the largest step count
+# per size under 5 min, with room for the estimates being 1.3x low: benchmarks/results/cost_model.md).
+# Learning rates stay the defaults. tests/test_consistency.py holds the workflows and tests/test_cost.py the
+# estimates to these; how well so few steps edit a real photo is not measured here.
+WORKFLOW_PRESETS = {
+    "imagic_flux.json": dict(family="Flux", weight_format="fp8", size=512, embedding_steps=100, finetune_steps=100),
+    "imagic_zimage.json": dict(family="ZImage", weight_format="fp8", size=512, embedding_steps=150, finetune_steps=150),
+}
 # The etas of a side-by-side (CLI --etas example, the Eta Sweep node, the eta-sweep workflow).
 ETA_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # The paper's Stable Diffusion settings, reachable with these values.

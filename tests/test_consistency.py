@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from imagic import cli
-from imagic.defaults import DEFAULTS, ETA_SWEEP, PAPER_PRESET, lr_finetune_default
+from imagic.defaults import DEFAULTS, ETA_SWEEP, PAPER_PRESET, WORKFLOW_PRESETS, lr_finetune_default
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -148,13 +148,14 @@ WIDGETS = {
 }
 
 
-def expected_widgets(node_type: str, values: dict) -> dict:
+def expected_widgets(node_type: str, values: dict, preset: dict | None = None) -> dict:
+    d = dict(DEFAULTS, **(preset or {}))
     if node_type == "ImagicOptimizeEmbedding":
-        return dict(steps=DEFAULTS["embedding_steps"], learning_rate=DEFAULTS["lr_embedding"], seed=DEFAULTS["seed"],
+        return dict(steps=d["embedding_steps"], learning_rate=DEFAULTS["lr_embedding"], seed=DEFAULTS["seed"],
                     gradient_checkpointing=True)
     if node_type == "ImagicFinetuneUNet":
         # A workflow may choose full; its learning rate must then be full's.
-        return dict(steps=DEFAULTS["finetune_steps"], learning_rate=lr_finetune_default(values["method"]),
+        return dict(steps=d["finetune_steps"], learning_rate=lr_finetune_default(values["method"]),
                     seed=DEFAULTS["seed"], method=DEFAULTS["method"], rank=DEFAULTS["rank"], gradient_checkpointing=True)
     if node_type == "ImagicInterpolateConditioning":
         return dict(eta=DEFAULTS["eta"])
@@ -172,8 +173,20 @@ def test_workflow_imagic_widgets_are_the_defaults(path):
         values = dict(zip(names, node["widgets_values"]))
         if "etas" in values:
             values["etas"] = tuple(float(e) for e in values["etas"].split(","))
-        for name, expected in expected_widgets(node["type"], values).items():
+        for name, expected in expected_widgets(node["type"], values, WORKFLOW_PRESETS.get(path.name)).items():
             assert values[name] == pytest.approx(expected), (path.name, node["id"], node["type"], name)
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOW_PRESETS))
+def test_flow_workflows_load_and_edit_at_their_presets_size_and_format(name):
+    """The photo is scaled to the preset's size, the empty latent matches it, and the model loads in fp8."""
+    preset = WORKFLOW_PRESETS[name]
+    nodes = {n["type"]: n for n in json.loads((ROOT / "workflows" / name).read_text())["nodes"]}
+    assert nodes["ImageScale"]["widgets_values"][1:3] == [preset["size"], preset["size"]]
+    assert nodes["EmptySD3LatentImage"]["widgets_values"][:2] == [preset["size"], preset["size"]]
+    assert nodes["UNETLoader"]["widgets_values"][1] == "fp8_e4m3fn"
+    note = next(n for n in nodes.values() if n["type"] == "Note")["widgets_values"][0]
+    assert f"{preset['embedding_steps']} + {preset['finetune_steps']} steps" in note and f"{preset['size']}x{preset['size']}" in note
 
 
 def node_literal_defaults(path: Path) -> dict:

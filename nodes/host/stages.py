@@ -16,7 +16,7 @@ import comfy.sd
 
 from ...imagic import ImagicError, finetune, optimize_embedding
 from ...imagic.deltas import WeightDelta
-from . import families
+from . import estimate, families
 from .conditioning import check_family, conditioning_of, image_size, latent_for, single_conditioning, text_embedding
 from .denoiser import ComfyDenoiser
 from .progress import NodeProgress, cancellable
@@ -50,13 +50,29 @@ def _notes(*notes):
     return "\n".join(n for n in notes if n) or None
 
 
+def planned(model, den, progress, stage, method, gradient_checkpointing, steps) -> int:
+    """The estimate on the node before the first step (refused here if the step cannot fit); the bytes to keep free."""
+    plan = estimate.plan(model, den, stage, method, gradient_checkpointing, steps)
+    progress.info = plan.info
+    return plan.memory_required
+
+
+def streamed_note(den, progress):
+    """Say on the node how much of the model streams from RAM, once it is loaded."""
+    if den.offloaded_bytes > 0:
+        progress.info = _notes(progress.info, f"{den.offloaded_bytes / estimate.GB:.1f} GB of the weights stream from "
+                                              "RAM layer by layer (they do not fit beside the training step)")
+
+
 def optimize_embedding_stage(model, conditioning, latent, *, steps: int, lr: float, seed: int,
                              gradient_checkpointing: bool = False, node_id=None, adam: str = "fast", on_start=None,
                              on_step=None):
     """Stage 1 on a MODEL: (e_opt as a CONDITIONING with the input's keys, loss per step). The MODEL is not changed."""
     tensor, extra, den = prepare(model, conditioning, latent, "the conditioning")
     progress = NodeProgress(max(steps, 1), node_id, "embedding", note=family_warning(model), also=on_step)
-    with den.loaded(gradient_checkpointing):
+    keep_free = planned(model, den, progress, "embedding", "lora", gradient_checkpointing, steps)
+    with den.loaded(gradient_checkpointing, keep_free):
+        streamed_note(den, progress)
         x0 = latent_for(model, latent).to(den.device)
         e_tgt = text_embedding(den, tensor, extra)
         if on_start is not None:
@@ -82,7 +98,9 @@ def finetune_stage(model, conditioning, latent, *, steps: int, lr: float, seed: 
         logging.warning("Imagic Fine-tune UNet: %s", message)
         progress.note = _notes(progress.note, message)
 
-    with den.loaded(gradient_checkpointing):
+    keep_free = planned(model, den, progress, "finetune", method, gradient_checkpointing, steps)
+    with den.loaded(gradient_checkpointing, keep_free):
+        streamed_note(den, progress)
         x0 = latent_for(model, latent).to(den.device)
         e_opt = text_embedding(den, tensor, extra)
         if on_start is not None:

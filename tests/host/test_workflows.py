@@ -126,20 +126,26 @@ def test_workflow_validates_against_the_host(host, path):
 
 
 def test_workflows_use_real_use_values(host):
-    """512 for SD1.5, 1024 for SDXL, the nodes' defaults for training, eta in 0.6-0.8."""
+    """512 for SD1.5, 1024 for SDXL, the nodes' defaults for training, eta in 0.6-0.8; the flow workflows
+    with a preset (imagic.defaults.WORKFLOW_PRESETS) at its size and steps."""
+    from imagic.defaults import DEFAULTS, WORKFLOW_PRESETS
+
     for path in FILES:
         prompt = wt.to_api(wt.load(path), definitions(host))
-        size = 512 if path.stem in SD15_WORKFLOWS else 1024
+        preset = WORKFLOW_PRESETS.get(path.name)
+        size = preset["size"] if preset else 512 if path.stem in SD15_WORKFLOWS else 1024
+        steps = dict(DEFAULTS, **(preset or {}))
         for nid, e in prompt.items():
             ins = e["inputs"]
             if e["class_type"] in TRAINING:
-                assert ins["steps"] == 500, (path.name, nid)
+                key = "embedding_steps" if e["class_type"] == "ImagicOptimizeEmbedding" else "finetune_steps"
+                assert ins["steps"] == steps[key], (path.name, nid)
             if e["class_type"] in ("ImageScale", "EmptyLatentImage", "EmptySD3LatentImage", "CLIPTextEncodeSDXL"):
                 assert ins["width"] == ins["height"] == size, (path.name, nid)
             if e["class_type"] == "ImagicInterpolateConditioning":
                 assert 0.6 <= ins["eta"] <= 0.8
             if "ckpt_name" in ins:
-                assert ins["ckpt_name"] == ("sd_xl_base_1.0.safetensors" if size == 1024
+                assert ins["ckpt_name"] == ("sd_xl_base_1.0.safetensors" if path.stem not in SD15_WORKFLOWS
                                             else "v1-5-pruned-emaonly.safetensors")
 
 
