@@ -388,13 +388,16 @@ def forward_flops(h, den, patcher, tensor, extra, latent) -> int:
     return int(flops.get_total_flops())
 
 
-def count_one(h: Host, name: str, depths: dict | None, px: int, stage: str, ckpt: bool, forward: bool) -> dict:
-    """One count on fake tensors (bf16): the step's FLOPs and bytes, and the forward pass's FLOPs if asked."""
+def count_one(h: Host, name: str, depths: dict | None, px: int, stage: str, ckpt: bool, forward: bool,
+              dtype=None) -> dict:
+    """One count on fake tensors (bf16 unless ``dtype``): the step's FLOPs and bytes, and the forward pass's FLOPs
+    if asked."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    h.host.denoiser.changes_the_result = lambda *a, **k: False  # see host_loader_is_a_no_op
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    patcher, _ = build_model(h, name, depths, torch.bfloat16, mode)
+    patcher, _ = build_model(h, name, depths, dtype or torch.bfloat16, mode)
     tensor, extra, latent = model_inputs(name, px, mode)
     den, run = training_step(h, patcher, tensor, extra, latent, px, stage, ckpt, counted)
     fake_everything_(patcher.model, mode)
@@ -418,7 +421,6 @@ def count_worker(names, sizes, stages, checkpointing, full_depth=False) -> dict:
     """
 
     h = Host()
-    h.host.denoiser.changes_the_result = lambda *a, **k: False  # see host_loader_is_a_no_op
     out = dict(attention=h.attention, families={})
     for name in names:
         full = family_config(name)
@@ -481,7 +483,6 @@ def check_worker(name: str, px: int, stage: str, ckpt: bool, depths: dict | None
     """One step run for real (fp32 random weights, CPU) on the one-block model: CPU time and peak RSS, then the
     same step counted (real tensors), and the count of the fake model (what the table uses) at fp32."""
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     from speed.measure import maxrss_gb, reset_peak_rss, rss_gb
 
@@ -510,14 +511,7 @@ def check_worker(name: str, px: int, stage: str, ckpt: bool, depths: dict | None
     _, run = training_step(h, patcher, tensor, extra, latent, px, stage, ckpt, timed)
     real = run()
     del patcher
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    h.host.denoiser.changes_the_result = lambda *a, **k: False
-    patcher, _ = build_model(h, name, depths, torch.float32, mode)
-    tensor, extra, latent = model_inputs(name, px, mode)
-    _, run = training_step(h, patcher, tensor, extra, latent, px, stage, ckpt, counted)
-    fake_everything_(patcher.model, mode)
-    with mode, host_loader_is_a_no_op():
-        fake = run()
+    fake = count_one(h, name, depths, px, stage, ckpt, forward=False, dtype=torch.float32)
     return dict(family=name, px=px, stage=stage, checkpointing=ckpt, params=params, depths=depths, matmul_flops_per_s=rate,
                 real=real, fake=fake, threads=torch.get_num_threads())
 

@@ -152,7 +152,7 @@ def weights_made_again(network: torch.nn.Module):
 
     try:
         for m in network.modules():
-            if isinstance(m, LAYERS) or (is_linear(m) and hasattr(m, "forward")):
+            if isinstance(m, LAYERS) or is_linear(m):
                 own = m.__dict__.get("forward")
                 m.forward = wrap(m, m.forward)
                 done.append((m, own))

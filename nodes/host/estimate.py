@@ -33,7 +33,6 @@ GB = 1024 ** 3
 class Plan:
     memory_required: int = 0  # bytes the step needs beside the weights: kept free when the model loads
     info: Optional[str] = None  # the estimate, for the node and the log
-    estimate: Optional[dict] = None
 
 
 def gpu_class(device) -> Optional[str]:
@@ -42,7 +41,7 @@ def gpu_class(device) -> Optional[str]:
         return None
     name = torch.cuda.get_device_name(device).replace("NVIDIA", "").replace("GeForce", "").strip().lower()
     for gpu in sorted(cost.GPUS, key=len, reverse=True):
-        if gpu.lower().split(" ")[0] in name and all(w.lower() in name for w in gpu.split(" ")[:2]):
+        if all(w.lower() in name for w in gpu.split()[:2]):
             return gpu
     return None
 
@@ -55,12 +54,11 @@ def decide(est: dict, free_bytes: int, on_gpu: bool, steps: int, gpu: Optional[s
         s = cost.seconds_for(est["flops_per_step"], gpu)
         text += f" About {s:.1f} s/step on a {gpu}-class card, {s * steps / 60:.0f} min for {steps} steps (estimate)."
     if ok or not on_gpu:
-        return Plan(beside, "estimate: " + text, est)
+        return Plan(beside, "estimate: " + text)
     if beside <= free_bytes:
         streamed = est["memory_bytes"] - free_bytes
         return Plan(beside, f"estimate: {text} The weights do not all fit: about {streamed / GB:.1f} GB of them stay in "
-                            "RAM and stream to the GPU layer by layer, which is slower; an fp8 or GGUF file avoids it.",
-                    est)
+                            "RAM and stream to the GPU layer by layer, which is slower; an fp8 or GGUF file avoids it.")
     levers = []
     if est["megapixels"] > 0.3:
         levers.append(f"a smaller photo (memory grows with the pixels; {est['width']}x{est['height']} now)")
