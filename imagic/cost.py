@@ -230,13 +230,15 @@ def weight_bytes_of(family: str, weight_format: str = "bf16") -> int:
 
 
 def estimate(family: str, width: int, height: int, stage: str = "finetune", method: str = "lora",
-             checkpointing: Optional[bool] = None, weight_format: str = "bf16", weight_bytes: Optional[int] = None,
-             keeps_dequantized: bool = False) -> dict:
+             checkpointing: Optional[bool] = None, weight_format: Optional[str] = "bf16",
+             weight_bytes: Optional[int] = None, keeps_dequantized: bool = False) -> dict:
     """Estimated GPU memory and FLOPs of one training step of ``family`` at ``width`` x ``height`` pixels.
 
     stage: "embedding" (stage 1, Optimize Embedding) or "finetune" (stage 2, LoRA); checkpointing defaults
     to on, both nodes' default. weight_format: how the file stores the weights (see FORMATS); weight_bytes
-    overrides the weights' size (e.g. the file's). Quantized weights are made again per layer in the backward
+    overrides the weights' size (e.g. the model as loaded; then the weights are labelled "as loaded", and
+    weight_format=None says the format is not known: the hint to load an fp8 or GGUF file is given only
+    where the weights take 1.5 bytes or more each). Quantized weights are made again per layer in the backward
     pass, never kept for it; keeps_dequantized=True gives the memory of the pack before that (each layer's
     dequantized bf16 weight kept: all of them without checkpointing, one block's with it), for comparison.
 
@@ -258,7 +260,11 @@ def estimate(family: str, width: int, height: int, stage: str = "finetune", meth
     key = stage + ("_ckpt" if checkpointing else "")
     flops = _quadratic(f["flops_" + key], m)
     step = _quadratic(f["step_bytes_" + key], m)
+    if weight_bytes is None and weight_format is None:
+        raise CostError("the weights need a size: pass weight_format (see FORMATS) or weight_bytes")
     weights = int(weight_bytes) if weight_bytes is not None else weight_bytes_of(family, weight_format)
+    label = weight_format if weight_bytes is None else "as loaded"
+    sixteen_bit = weight_format in ("bf16", "fp16") if weight_format is not None else weights >= 1.5 * f["params"]
     dequantized = 0
     if weight_format in QUANTIZED and keeps_dequantized:
         kept = f["largest_block_params"] if checkpointing else f["quantizable_params"]
@@ -266,8 +272,8 @@ def estimate(family: str, width: int, height: int, stage: str = "finetune", meth
     trainable = f["trainable_params_" + stage] * TRAINABLE_BYTES
     margin = MARGIN_FIXED + MARGIN_FRACTION * (step + dequantized)
     return dict(family=family, width=width, height=height, megapixels=m, stage=stage, method=method,
-                checkpointing=checkpointing, weight_format=weight_format,
-                memory_bytes=int(weights + step + dequantized + trainable + margin), weights_bytes=weights,
+                checkpointing=checkpointing, weight_format=weight_format, weights_label=label,
+                sixteen_bit_weights=sixteen_bit, memory_bytes=int(weights + step + dequantized + trainable + margin), weights_bytes=weights,
                 step_bytes=int(step), trainable_bytes=int(trainable),
                 dequantized_bytes=int(dequantized), margin_bytes=int(margin), flops_per_step=flops, estimate=True)
 
@@ -290,10 +296,11 @@ def edit_estimate(family: str, width: int, height: int, embedding_steps: int = 5
                 memory_bytes=max(s1["memory_bytes"], s2["memory_bytes"]), stages=(s1, s2), estimate=True)
 
 
-def fits(est: dict, free_bytes: int) -> Tuple[bool, str]:
-    """(whether the estimate fits ``free_bytes`` of GPU memory, a sentence for the user)."""
+def fits(est: dict, free_bytes: int, hints: bool = True) -> Tuple[bool, str]:
+    """(whether the estimate fits ``free_bytes`` of GPU memory, a sentence for the user; with ``hints``, one
+    that does not fit names what to change)."""
     need = est["memory_bytes"]
-    parts = (f"{est['weights_bytes'] / GB:.1f} GB weights ({est['weight_format']}) + {est['step_bytes'] / GB:.1f} GB "
+    parts = (f"{est['weights_bytes'] / GB:.1f} GB weights ({est['weights_label']}) + {est['step_bytes'] / GB:.1f} GB "
              f"for the step" + (f" + {est['dequantized_bytes'] / GB:.1f} GB of dequantized weight copies"
                                 if est["dequantized_bytes"] else "")
              + f" + {est['trainable_bytes'] / GB:.1f} GB trained values and Adam state"
@@ -304,14 +311,16 @@ def fits(est: dict, free_bytes: int) -> Tuple[bool, str]:
     text = f"{what} needs about {need / GB:.1f} GB (an estimate: {parts}); {free_bytes / GB:.1f} GB free"
     if need <= free_bytes:
         return True, text + ": it should fit."
-    hints = []
+    if not hints:
+        return False, text + ": it may not fit."
+    levers = []
     if not est["checkpointing"]:
-        hints.append("turn on gradient checkpointing")
+        levers.append("turn on gradient checkpointing")
     if est["megapixels"] > 0.3:
-        hints.append("edit a smaller image (memory grows with the pixels)")
-    if est["weight_format"] in ("bf16", "fp16"):
-        hints.append("load an fp8 or GGUF file")
-    return False, text + ": it may not fit" + (f"; try to {', or '.join(hints)}." if hints else ".")
+        levers.append("edit a smaller image (memory grows with the pixels)")
+    if est["sixteen_bit_weights"]:
+        levers.append("load an fp8 or GGUF file")
+    return False, text + ": it may not fit" + (f"; try to {', or '.join(levers)}." if levers else ".")
 
 
 def summary(family: str, width: int, height: int, free_bytes: Optional[int] = None, gpu: Optional[str] = None,

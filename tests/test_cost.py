@@ -103,6 +103,18 @@ def test_fits_says_yes_or_no_with_the_way_out():
     ok, text = cost.fits(e, 8 * GB)
     assert not ok and "checkpointing" in text and "fp8 or GGUF" in text and "smaller image" in text
     assert cost.summary("ZImage", 1024, 1024, free_bytes=24 * GB, gpu="RTX 4090").count("\n") == 2
+    assert "(bf16)" in text and "as loaded" not in text
+    # The weights as loaded (a node passes the model's size, not its format): labelled so, and the fp8 hint
+    # only where they take 16 bits each.
+    for size, hinted in ((cost.weight_bytes_of("Flux", "bf16"), True), (cost.weight_bytes_of("Flux", "fp8"), False)):
+        loaded = cost.estimate("Flux", 1024, 1024, stage="finetune", checkpointing=False, weight_format=None,
+                               weight_bytes=size)
+        ok, text = cost.fits(loaded, 8 * GB)
+        assert not ok and "(as loaded)" in text and "(bf16)" not in text
+        assert ("fp8 or GGUF" in text) == hinted
+    assert cost.fits(e, 8 * GB, hints=False)[1].endswith("it may not fit.")
+    with pytest.raises(cost.CostError, match="need a size"):
+        cost.estimate("Flux", 1024, 1024, weight_format=None)
 
 
 def test_host_class_names_map_to_keys():

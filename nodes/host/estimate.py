@@ -48,7 +48,7 @@ def gpu_class(device) -> Optional[str]:
 
 def decide(est: dict, free_bytes: int, on_gpu: bool, steps: int, gpu: Optional[str] = None) -> Plan:
     """The plan for an estimate and the device's free memory (a pure function: tests give it any numbers)."""
-    ok, text = cost.fits(est, free_bytes)
+    ok, text = cost.fits(est, free_bytes, hints=False)  # (the levers below: what streaming leaves to change)
     beside = est["memory_bytes"] - est["weights_bytes"]
     if gpu is not None and steps > 0:
         s = cost.seconds_for(est["flops_per_step"], gpu)
@@ -59,12 +59,11 @@ def decide(est: dict, free_bytes: int, on_gpu: bool, steps: int, gpu: Optional[s
         streamed = est["memory_bytes"] - free_bytes
         return Plan(beside, f"estimate: {text} The weights do not all fit: about {streamed / GB:.1f} GB of them stay in "
                             "RAM and stream to the GPU layer by layer, which is slower; an fp8 or GGUF file avoids it.")
-    levers = []
-    if est["megapixels"] > 0.3:
-        levers.append(f"a smaller photo (memory grows with the pixels; {est['width']}x{est['height']} now)")
+    # What is left to change: the step's own memory (an fp8 or GGUF file shrinks the weights, which stream
+    # from RAM already, not the step).
+    levers = [f"a smaller photo (the step's memory grows with the pixels; {est['width']}x{est['height']} now)"]
     if not est["checkpointing"]:
         levers.append("gradient_checkpointing on")
-    levers.append("an fp8 or GGUF file of the model (the weights stream from RAM either way, the step does not)")
     raise ImagicError(f"this training step will not fit the GPU: {text} Even with the weights streamed from RAM the "
                       f"step needs about {beside / GB:.1f} GB. Try " + "; or ".join(levers) + ".")
 
@@ -75,7 +74,8 @@ def plan(model, den, stage: str, method: str, checkpointing: bool, steps: int) -
     try:
         family = cost.family_key(type(config).__name__)
         est = cost.estimate(family, int(den.width), int(den.height), stage=stage, method=method,
-                            checkpointing=checkpointing, weight_bytes=int(model.model_size()), keeps_dequantized=False)
+                            checkpointing=checkpointing, weight_format=None,
+                            weight_bytes=int(model.model_size()), keeps_dequantized=False)
     except cost.CostError as e:
         logging.info("Imagic: no memory/time estimate: %s", e)
         return Plan()

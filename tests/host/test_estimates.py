@@ -51,6 +51,7 @@ def test_a_step_that_cannot_fit_is_refused_before_loading_with_the_levers(pack):
         decide(est, free_bytes=est["memory_bytes"] - est["weights_bytes"] - GB, on_gpu=True, steps=500)
     msg = str(e.value)
     assert "will not fit" in msg and "smaller photo" in msg and "gradient_checkpointing on" in msg
+    assert msg.count("checkpointing") == 1 and "(as loaded)" in msg, "each lever once; the weights as loaded"
     # The weights alone do not fit, the step does: it trains, with the weights streamed, and says so.
     plan = decide(est, free_bytes=est["memory_bytes"] - 4 * GB, on_gpu=True, steps=500)
     assert "stream to the GPU" in plan.info and plan.memory_required == est["memory_bytes"] - est["weights_bytes"]
