@@ -97,16 +97,20 @@ def measured(fn):
 
 
 def trained_delta(method, unet, seed=0):
-    """A delta as stage 2 hands it back, with small random values in place of training."""
+    """A delta as ``ImagicPipeline.train`` hands it back, with small random values in place of training:
+    LoRA's factors; full: the trained weights W' bound to the UNet (``finetune(keep_trained_weights=True)``);
+    full_saved: the differences W' - W, as a result read back from a file holds them."""
     import torch
     from imagic.deltas import make_delta
 
-    delta = make_delta(method, unet, rank=4, seed=seed)
+    delta = make_delta("lora" if method == "lora" else "full", unet, rank=4, seed=seed)
     g = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():
         for t in (delta.up if method == "lora" else delta.tensors):
             t.add_(torch.randn(t.shape, generator=g), alpha=1e-3)  # LoRA: up starts at zero; full: W' = W + noise
-    return delta.finish().requires_grad_(False)
+    if method == "full_saved":
+        delta.finish()
+    return delta.requires_grad_(False)
 
 
 def image_diff(a, b) -> int:
@@ -151,7 +155,7 @@ def run(args) -> dict:
           flush=True)
     for method in args.methods:
         delta = trained_delta(method, unet)
-        result = ImagicResult(e_tgt=e_tgt, e_opt=e_opt, delta=delta, settings=dict(settings, method=method))
+        result = ImagicResult(e_tgt=e_tgt, e_opt=e_opt, delta=delta, settings=dict(settings, method=method.split("_")[0]))
         rows = {}
         for steps in args.steps:
             rounds = []
@@ -206,7 +210,8 @@ def markdown(report: dict) -> str:
              "community pipeline's `__call__` replicated line for line (`peer_sample`), on the same UNet object "
              "(SD1.5 with seeded random weights), text encoder and VAE. The peer samples the plain UNet (its "
              "fine-tune is written into the weights); the project applies the trained delta to the untouched "
-             "base. Calls alternate within each round; ratio = project time / peer time in that round. "
+             "base (full: the trained weights W' as `train()` hands them back, read by each layer in place of its "
+             "weight; full_saved: the differences W' - W of a result read back from a file, added for the call). Calls alternate within each round; ratio = project time / peer time in that round. "
              "Peak GB: the process's peak RSS during the call (the full difference held by the result "
              "included, on both sides); +GB: that peak minus the RSS before the call. The CPU-time ratio uses the process CPU time of the same calls: "
              "other jobs on a shared machine slow the wall clock of both sides, the CPU time less.", ""]
@@ -251,7 +256,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--label", default="run", help="name of this run in the result files (e.g. before, after)")
     p.add_argument("--out", default=None, help="result path without extension (.json and .md are written)")
-    p.add_argument("--methods", default="lora,full", type=lambda s: [m for m in s.split(",") if m])
+    p.add_argument("--methods", default="lora,full,full_saved", type=lambda s: [m for m in s.split(",") if m],
+                   help="lora; full (the trained weights, as train() hands them back); full_saved (the "
+                        "differences, as a result read back from a file holds them)")
     p.add_argument("--steps", default="2,10", type=lambda s: [int(x) for x in s.split(",") if x],
                    help="sampling steps of each call length (two lengths separate per-call from per-step cost)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of the first (short) call length")
@@ -270,9 +277,9 @@ def main(argv=None):
         out = Path(args.out)
         out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text())) + "\n")
         return None
-    bad = [m for m in args.methods if m not in ("lora", "full")]
+    bad = [m for m in args.methods if m not in ("lora", "full", "full_saved")]
     if bad:
-        p.error(f"--methods: unknown {bad}; use lora and/or full")
+        p.error(f"--methods: unknown {bad}; use lora, full and/or full_saved")
     if args.rounds_long is None:
         args.rounds_long = args.rounds
     if not args.steps or min(args.steps) < 1 or args.rounds < 1 or args.rounds_long < 1:

@@ -301,9 +301,11 @@ class ImagicPipeline:
         with den.training():
             e_opt, loss_emb = optimize_embedding(den, x0, e_tgt, steps=embedding_steps, lr=lr_embedding, seed=seed,
                                                  noise_samples=noise_samples, progress=cb("embedding"), cancel=cancel)
+            # A full fine-tune's result keeps the trained weights W' (bound to this UNet): sampling reads them
+            # as they are, where differences would be added at every call (benchmarks/sampling_vs_peer.py).
             delta, loss_ft = finetune(den, x0, e_opt, steps=finetune_steps, lr=lr_finetune, method=method,
                                       rank=rank, seed=seed, noise_samples=noise_samples, progress=cb("finetune"),
-                                      cancel=cancel, warn=warn)
+                                      cancel=cancel, warn=warn, keep_trained_weights=True)
         settings = dict(target_text=target_text, width=img.size[0], height=img.size[1],
                         embedding_steps=embedding_steps, lr_embedding=lr_embedding, finetune_steps=finetune_steps,
                         lr_finetune=lr_finetune, method=method, rank=rank, seed=seed, noise_samples=noise_samples,
@@ -379,9 +381,10 @@ class ImagicPipeline:
             latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)
         delta = result.delta.to(self.device) if (use_finetuned and result.delta is not None) else None
         # LoRA stays a side branch, added into each layer's output in place (merging it would write a
-        # model-sized copy of the weights at every call); a full difference is added once for the whole
-        # loop into the delta's own tensors and taken out again bit for bit (FullDelta.merged_in_place):
-        # a fresh model-sized copy costs more time than the sum on a CPU (benchmarks/sampling_vs_peer.py).
+        # model-sized copy of the weights at every call). A full fine-tune from ``train`` holds W' itself and
+        # each layer reads it; a full difference loaded from a file is added once for the whole loop into
+        # the delta's own tensors and taken out again bit for bit (FullDelta.merged_in_place): a fresh
+        # model-sized copy costs more time than the sum on a CPU (benchmarks/sampling_vs_peer.py).
         # parametrize.cached: a layer whose merged weight is formed (weight + difference) forms it once.
         with den.attach(delta, inference=True), parametrize.cached():
             for i, t in enumerate(timesteps):

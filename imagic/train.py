@@ -173,7 +173,8 @@ def optimize_embedding(denoiser: Denoiser, x0: torch.Tensor, e_tgt: Conditioning
 def finetune(denoiser: Denoiser, x0: torch.Tensor, e_opt: Conditioning, *, steps: int, lr: float,
              method: str = "lora", rank: int = 4, seed: int = 0, noise_samples: int = 1,
              progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None, adam: str = "fast",
-             watch=None, warn: Optional[Callable[[str], None]] = None) -> Tuple[Optional[WeightDelta], List[float]]:
+             watch=None, warn: Optional[Callable[[str], None]] = None, keep_trained_weights: bool = False
+             ) -> Tuple[Optional[WeightDelta], List[float]]:
     """Stage 2: a weight delta with which the model reconstructs x0 from the frozen e_opt.
 
     The denoiser must provide ``trainable_module()`` (the network whose weights may change; used
@@ -182,6 +183,10 @@ def finetune(denoiser: Denoiser, x0: torch.Tensor, e_opt: Conditioning, *, steps
     ``watch(step, delta)``, if given, is called after every step while the delta is attached.
     ``warn(message)`` reports a learning rate of the other method's size before training starts
     (``defaults.finetune_lr_warning``; default: an ImagicWarning).
+    ``keep_trained_weights`` (full only): hand back the trained weights W' themselves, bound to this
+    network (``FullDelta.bound_to``), instead of the differences W' - W: sampling the same network then
+    reads W' as it is, with nothing to add per call, and saving forms the differences. For a caller that
+    keeps the network; a caller that hands the model on (the ComfyUI node) takes the differences.
     """
     steps = check_steps("fine-tune steps", steps)
     check_latent(x0)
@@ -202,8 +207,9 @@ def finetune(denoiser: Denoiser, x0: torch.Tensor, e_opt: Conditioning, *, steps
         # A full fine-tune's gradients are model-sized: step each tensor as its gradient completes.
         losses = run_training(delta.parameters(), loss_fn, steps, lr, f"fine-tuning ({method})",
                               _watched(progress, watch, delta), cancel, adam, step_in_backward=method == "full")
-    # A full delta's trained copies become the differences in place: no second copy.
-    return delta.finish().requires_grad_(False), losses
+    if not keep_trained_weights:  # a full delta's trained copies become the differences in place: no second copy
+        delta.finish()
+    return delta.requires_grad_(False), losses
 
 
 def interpolate(e_tgt: Union[Conditioning, torch.Tensor], e_opt: Union[Conditioning, torch.Tensor], eta: float):

@@ -228,3 +228,91 @@ def test_a_difference_of_no_two_float_tensors_falls_back_to_a_merged_copy(pipe, 
     assert_bit_equal(delta.tensors, own, "full difference")
     for a, b in zip(images, reference):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_full_fine_tune_from_train_samples_its_trained_weights_as_they_are(pipe, photo, tmp_path):
+    """``train`` hands a full fine-tune back as the trained weights W' bound to its UNet: sampling reads
+    W' itself (nothing added per call), which is exactly a copy of the UNet holding W'; the base and W'
+    are bit for bit as they were; saved, it is the difference W' - W, and read back it samples the same
+    image up to rounding (W + (W' - W) need not be W')."""
+    from imagic.results import load_result, save_result
+
+    base = bit_snapshot(pipe.unet.parameters())
+    result = pipe.train(photo, "a photo of a sitting dog", embedding_steps=2, finetune_steps=3, lr_finetune=1e-3,
+                        method="full", size=SIZE, warn=lambda message: None)
+    delta = result.delta
+    assert isinstance(delta, FullDelta) and delta.bound_to(pipe.unet)
+    assert_bit_equal(pipe.unet.parameters(), base, "base model after training")
+    trained = bit_snapshot(delta.tensors)
+    peer = copy.deepcopy(pipe.unet)  # the peer's way: the fine-tune written into the weights
+    with torch.no_grad():
+        for name, p in peer.named_parameters():
+            if name in delta.names():
+                p.copy_(delta.weight(name))
+    plain = dict(e_tgt=result.e_tgt, e_opt=result.e_opt, delta=None, settings=result.settings)
+    reference = fresh_pipe(pipe, peer).sample(ImagicResult(**plain), [0.3, 0.8], seed=4, steps=STEPS)
+    storage = [p.data_ptr() for p in pipe.unet.parameters()]
+    images = pipe.sample(result, [0.3, 0.8], seed=4, steps=STEPS)
+    assert storage == [p.data_ptr() for p in pipe.unet.parameters()], \
+        "sampling must not move the base out and back (parking is for training; it costs a copy per call)"
+    untuned = fresh_pipe(pipe).sample(ImagicResult(**plain), [0.3, 0.8], seed=4, steps=STEPS)
+    assert_bit_equal(pipe.unet.parameters(), base, "base model after sampling")
+    assert_bit_equal(delta.tensors, trained, "trained weights")
+    assert delta.bound_to(pipe.unet)
+    for a, b, c in zip(images, reference, untuned):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), "sampling must compute with W' itself"
+        assert not np.array_equal(np.asarray(a), np.asarray(c)), "the fine-tune must change the image"
+    params = dict(pipe.unet.named_parameters())
+    path = save_result(result, tmp_path / "full.safetensors")
+    loaded = load_result(path)
+    assert not loaded.delta.training_form
+    for name in delta.names():
+        assert torch.equal(loaded.delta.delta(name), delta.weight(name) - params[name])
+    again = pipe.sample(loaded, [0.3, 0.8], seed=4, steps=STEPS)
+    for a, b in zip(images, again):
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+
+
+def test_trained_weights_applied_to_another_network_become_the_difference(pipe, embeddings):
+    """W' replaces the weights only of the network it was trained on; another network (here a copy with
+    other weights) gets its own weights + (W' - W), never W' in place of them."""
+    delta = make_delta("full", pipe.unet, 4, seed=0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for t in delta.tensors:
+            t.add_(torch.randn(t.shape, generator=g), alpha=0.02)
+    delta.requires_grad_(False)
+    params = dict(pipe.unet.named_parameters())
+    expected = {n: (delta.weight(n) - params[n]).clone() for n in delta.names()}
+    other = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5)
+    assert not delta.bound_to(other)
+    result = ImagicResult(*embeddings, delta=delta, settings=dict(width=SIZE, height=SIZE, method="full"))
+    images = fresh_pipe(pipe, other).sample(result, [0.3, 0.8], seed=4, steps=STEPS)
+    assert not delta.training_form
+    for n in delta.names():
+        assert torch.equal(delta.delta(n), expected[n])
+    for a, b in zip(images, reference_images(fresh_pipe(pipe, other), result, expected)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("channels,height,width,kernel", [(8, 5, 7, 3), (6, 1, 1, 3), (5, 2, 9, 5), (7, 4, 6, 3)])
+def test_a_locon_down_projection_by_shifts_is_the_convolution(channels, height, width, kernel):
+    """Sampling computes a LoCon's few-channel down convolution as one matrix product and shifted sums:
+    the same values as conv2d with "same" zero padding (float64: only the order of the sum differs),
+    including images smaller than the kernel and non-square ones."""
+    import torch.nn.functional as F
+
+    from imagic.deltas import _conv_down_by_shifts, _down_by_shifts
+
+    g = torch.Generator().manual_seed(channels)
+    x = torch.randn(2, channels, height, width, generator=g, dtype=torch.float64)
+    down = torch.randn(3, channels, kernel, kernel, generator=g, dtype=torch.float64)
+    conv = torch.nn.Conv2d(channels, 4, kernel, padding=kernel // 2)
+    assert _down_by_shifts(conv, x, grad=False) and not _down_by_shifts(conv, x, grad=True)
+    torch.testing.assert_close(_conv_down_by_shifts(x, down), F.conv2d(x, down, padding=kernel // 2),
+                               rtol=1e-12, atol=1e-12)
+    strided = torch.nn.Conv2d(channels, 4, kernel, stride=2, padding=kernel // 2)
+    assert not _down_by_shifts(strided, x, grad=False), "a strided convolution keeps conv2d"
