@@ -116,11 +116,11 @@ class DiffusersDenoiser:
             if use and not was:
                 self.unet.disable_gradient_checkpointing()
 
-    def attach(self, delta: Optional[WeightDelta], inference: bool = False):
+    def attach(self, delta: Optional[WeightDelta], inference: bool = False, forwards: Optional[int] = None):
         """Compute with weight + delta inside the block; the UNet is exactly as before afterwards
-        (``inference``: without gradients, see ``imagic.deltas.applied``)."""
+        (``inference``: without gradients, ``forwards``: the passes it will run; see ``imagic.deltas.applied``)."""
         return applied(delta, self.unet, side_branch=self.lora_side_branch, offload_base=self.offload_base,
-                       inference=inference)
+                       inference=inference, forwards=forwards)
 
 
 def is_flow_scheduler(scheduler) -> bool:
@@ -258,7 +258,12 @@ class ImagicPipeline:
     def decode(self, latents: torch.Tensor) -> List[Image.Image]:
         if self.vae is not None:
             shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            latents = self.vae.decode((latents / self.vae.config.scaling_factor + shift).to(self.vae.dtype)).sample
+            z = (latents / self.vae.config.scaling_factor + shift).to(self.vae.dtype)
+            if z.device.type == "cpu" and z.dim() == 4:
+                # oneDNN's convolutions run on channels-last activations about 7% faster here (SD1.5's VAE at
+                # 256 px, 1 thread: 3.33 s against 3.58; the image within 3e-5); the VAE's weights stay as they are.
+                z = z.contiguous(memory_format=torch.channels_last)
+            latents = self.vae.decode(z).sample
         arr = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in arr]
 
@@ -381,12 +386,13 @@ class ImagicPipeline:
             latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)
         delta = result.delta.to(self.device) if (use_finetuned and result.delta is not None) else None
         # LoRA stays a side branch, added into each layer's output in place (merging it would write a
-        # model-sized copy of the weights at every call). A full fine-tune from ``train`` holds W' itself and
+        # model-sized copy of the weights at every call), except in layers whose weight is small beside
+        # their activations, merged once where that costs less over the call's steps. A full fine-tune from ``train`` holds W' itself and
         # each layer reads it; a full difference loaded from a file is added once for the whole loop into
         # the delta's own tensors and taken out again bit for bit (FullDelta.merged_in_place): a fresh
         # model-sized copy costs more time than the sum on a CPU (benchmarks/sampling_vs_peer.py).
         # parametrize.cached: a layer whose merged weight is formed (weight + difference) forms it once.
-        with den.attach(delta, inference=True), parametrize.cached():
+        with den.attach(delta, inference=True, forwards=len(timesteps)), parametrize.cached():
             for i, t in enumerate(timesteps):
                 x_in = torch.cat([latents, latents])
                 if not flow:

@@ -316,3 +316,33 @@ def test_a_locon_down_projection_by_shifts_is_the_convolution(channels, height, 
                                rtol=1e-12, atol=1e-12)
     strided = torch.nn.Conv2d(channels, 4, kernel, stride=2, padding=kernel // 2)
     assert not _down_by_shifts(strided, x, grad=False), "a strided convolution keeps conv2d"
+
+
+def test_lora_layers_small_beside_their_activations_are_merged_for_the_call(pipe, embeddings):
+    """Sampling merges a LoRA layer once where that costs less than its side branch over the call's steps
+    (the merge reads the base weight, never writes it): during a 3-step call some layers, not all, hold a
+    merged weight after the first step; afterwards none does, no hook is left, the base is bit for bit as it
+    was, and the images are those of the weights merged everywhere, within one level of 255."""
+    from torch.nn.utils import parametrize
+
+    delta = lora_delta(pipe.unet)
+    result = ImagicResult(*embeddings, delta=delta, settings=dict(width=SIZE, height=SIZE, method="lora"))
+    base = bit_snapshot(pipe.unet.parameters())
+    layers = [pipe.unet.get_submodule(n.rsplit(".", 1)[0]) for n in delta.names()]
+    merged_during = []
+
+    def progress(step, total, loss):
+        merged_during.append(sum(parametrize.is_parametrized(m) for m in layers))
+
+    images = pipe.sample(result, [0.3, 0.8], seed=4, steps=STEPS, progress=progress)
+    assert 0 < merged_during[0] < len(layers), merged_during
+    assert not any(parametrize.is_parametrized(m) for m in layers)
+    assert not any(m._forward_hooks for m in pipe.unet.modules())
+    assert_bit_equal(pipe.unet.parameters(), base, "base model")
+    reference = reference_images(pipe, result, {n: delta.delta(n) for n in delta.names()})
+    for a, b in zip(images, reference):
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+    one_step = []
+    pipe.sample(result, [0.7], steps=1, progress=lambda *a: one_step.append(
+        sum(parametrize.is_parametrized(m) for m in layers)))
+    assert one_step == [0], "a one-step call has no later pass to merge for"
