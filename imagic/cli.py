@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import List, NoReturn, Optional, Sequence
 
-from .defaults import DEFAULTS, eta_sweep_text, finetune_lr_warning, format_rate, lr_finetune_default
+from .defaults import DEFAULTS, PRESETS, eta_sweep_text, finetune_lr_warning, format_rate, lr_finetune_default
 from .errors import ImagicCancelled, ImagicError
 
 SEED_MAX = 2 ** 64 - 1  # torch.Generator.manual_seed's range (and the ComfyUI nodes')
@@ -28,6 +28,26 @@ class ImagicArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         command = self.prog if self.prog.startswith("imagic ") else "imagic"
         self.exit(2, f"imagic: error: {message}\n(see: {command} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        if getattr(namespace, "command", None) == "edit" and not self.prog.startswith("imagic "):
+            apply_preset(namespace)
+        return namespace, extra
+
+
+PRESET_KEYS = ("embedding_steps", "lr_embedding", "finetune_steps", "lr_finetune", "method")
+
+
+def apply_preset(args) -> None:
+    """Fill the training options the command line left unset (None): from --preset, else the defaults
+    (stage 2's learning rate stays None: the method's default, ``finetune_lr``). Options given win."""
+    preset = dict(PRESETS[args.preset]) if args.preset else {}
+    if args.method is not None and preset.get("method", args.method) != args.method:
+        preset.pop("lr_finetune", None)  # the preset's rate belongs to its method, not to the one given
+    for key in PRESET_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, DEFAULTS.get(key) if key != "lr_finetune" else None))
 
 
 # ------------------------------------------------------------------------ argument types: one message each
@@ -119,7 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     def default_option(flag, key, what, **kw):  # an option whose default is DEFAULTS[key], shown in its help
         value = D[key]
         shown = format_rate(value) if isinstance(value, float) else value
-        e.add_argument(flag, default=value, help=f"{what} (default: {shown})", **kw)
+        # (training options start unset, so that --preset can tell an option given from its default)
+        e.add_argument(flag, default=None if key in PRESET_KEYS else value, help=f"{what} (default: {shown})", **kw)
+
+    def preset_text(name):
+        return " ".join(f"{k.replace('_', '-')} {format_rate(v) if isinstance(v, float) else v}"
+                        for k, v in PRESETS[name].items())
+
+    e.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help=f"paper: the paper's Stable Diffusion settings ({preset_text('paper')}); fast: a quarter of "
+                        f"the default training steps ({preset_text('fast')}), which on the toy models keeps far "
+                        "less of the photo (README, 'Edit quality'). Options given explicitly win "
+                        "(default: none, the defaults below)")
 
     default_option("--embedding-steps", "embedding_steps", "stage 1 Adam steps, 0 skips", type=_stage_steps)
     default_option("--lr-embedding", "lr_embedding", "stage 1 learning rate", type=_learning_rate)

@@ -134,10 +134,14 @@ def _edit_actions():
 def test_help_shows_every_default_and_the_values_are_the_parsers():
     from imagic.defaults import format_rate, lr_finetune_default
 
+    parsed = cli.build_parser().parse_args(["edit", "i.png", "t", "--model", "m", "--out", "o.png"])
     for action in (a for a in _edit_actions() if not a.required):
         match = re.search(r"\(default: ([^)]*)\)", action.help or "")
         assert match, f"{action.option_strings[0]}: no default in its help: {action.help!r}"
         shown = match.group(1)
+        if action.dest in cli.PRESET_KEYS and action.dest != "lr_finetune":
+            action.default = getattr(parsed, action.dest)  # (unset in the parser so that --preset sees it; filled after)
+            assert action.default is not None, action.dest
         if action.default is None:
             continue  # said in words (the model's native size, not saved, ...); --eta and --lr-finetune below
         if isinstance(action.default, str):
@@ -148,6 +152,30 @@ def test_help_shows_every_default_and_the_values_are_the_parsers():
     assert "(default: 0.7)" in helps["eta"] and cli.DEFAULTS["eta"] == 0.7
     for method in ("lora", "full"):
         assert f"{format_rate(lr_finetune_default(method))} with --method {method}" in helps["lr_finetune"]
+
+
+def _edit_args(*extra):
+    args = cli.build_parser().parse_args(["edit", "i.png", "t", "--model", "m", "--out", "o.png", *extra])
+    return {k: getattr(args, k) for k in cli.PRESET_KEYS}, cli.finetune_lr(args)
+
+
+def test_presets_set_the_training_options_and_options_given_win():
+    from imagic.defaults import DEFAULTS, FAST_PRESET, PAPER_PRESET
+
+    plain, lr = _edit_args()
+    assert plain == dict(embedding_steps=DEFAULTS["embedding_steps"], lr_embedding=DEFAULTS["lr_embedding"],
+                         finetune_steps=DEFAULTS["finetune_steps"], lr_finetune=None, method="lora")
+    assert lr == DEFAULTS["lr_finetune_lora"]
+    fast, lr = _edit_args("--preset", "fast")
+    assert {k: fast[k] for k in FAST_PRESET} == FAST_PRESET and fast["method"] == "lora"
+    assert fast["embedding_steps"] + fast["finetune_steps"] == (DEFAULTS["embedding_steps"] + DEFAULTS["finetune_steps"]) / 4
+    assert _edit_args("--preset", "fast", "--finetune-steps", "300")[0]["finetune_steps"] == 300
+    paper, lr = _edit_args("--preset", "paper")
+    assert {k: paper[k] for k in PAPER_PRESET} == PAPER_PRESET and lr == 5e-7
+    # The paper's rate is its full fine-tune's: with --method lora the LoRA default applies, not 200x below it.
+    assert _edit_args("--preset", "paper", "--method", "lora")[1] == DEFAULTS["lr_finetune_lora"]
+    with pytest.raises(SystemExit):
+        _edit_args("--preset", "fastest")
 
 
 def _run_cli_in_fresh_python(*argv):

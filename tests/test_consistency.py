@@ -58,8 +58,10 @@ def test_cli_parser_defaults_are_imagic_defaults():
     actions = {a.dest: a for a in edit_actions()}
     shared = [k for k in DEFAULTS if k in actions and k != "eta"]
     assert len(shared) >= 9, shared
+    parsed = cli.build_parser().parse_args(["edit", "i.png", "t", "--model", "m", "--out", "o.png"])
     for key in shared:
-        assert actions[key].default == DEFAULTS[key], key
+        # (the training options start unset in the parser, so that --preset sees them, and are filled after)
+        assert (actions[key].default if key not in cli.PRESET_KEYS else getattr(parsed, key)) == DEFAULTS[key], key
     # Defaults that depend on another option are resolved from the same source.
     assert actions["eta"].default is None and actions["lr_finetune"].default is None
     args = cli.build_parser().parse_args(["edit", "i.png", "t", "--model", "m", "--out", "o.png"])
@@ -75,12 +77,15 @@ def test_readme_cli_table_lists_every_option_with_the_parsers_default():
     optional = [o for o, a in actions.items() if o.startswith("--") and not a.required]  # not --model, --out
     assert sorted(listed) == sorted(optional), "every optional option, once"
     checked = 0
+    parsed = cli.build_parser().parse_args(["edit", "i.png", "t", "--model", "m", "--out", "o.png"])
     for options, default, _meaning in rows:
         names = re.findall(r"`(--[\w-]+)`", options)
         if " / " in options:  # alternatives (--eta / --etas): the default is the first one's
             names = names[:1]
         for name, value in zip(names, [v.strip() for v in default.split(",")] if default else []):
             action = actions[name]
+            if action.dest in cli.PRESET_KEYS and action.dest != "lr_finetune":  # unset in the parser, filled after
+                action = argparse.Namespace(default=getattr(parsed, action.dest))
             if name == "--eta":
                 assert float(value) == DEFAULTS["eta"]
             elif name == "--lr-finetune":
