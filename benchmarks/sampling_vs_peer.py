@@ -99,7 +99,9 @@ def measured(fn):
 def trained_delta(method, unet, seed=0):
     """A delta as ``ImagicPipeline.train`` hands it back, with small random values in place of training:
     LoRA's factors; full: the trained weights W' bound to the UNet (``finetune(keep_trained_weights=True)``);
-    full_saved: the differences W' - W, as a result read back from a file holds them."""
+    full_saved: the differences W' - W, as a result read back from a file holds them (bound to the UNet at
+    the first call, ``FullDelta.bind``); full_saved_first: the same, made the differences again before every
+    call (untimed), so each call is the first after reading the file and pays the binding."""
     import torch
     from imagic.deltas import make_delta
 
@@ -108,7 +110,7 @@ def trained_delta(method, unet, seed=0):
     with torch.no_grad():
         for t in (delta.up if method == "lora" else delta.tensors):
             t.add_(torch.randn(t.shape, generator=g), alpha=1e-3)  # LoRA: up starts at zero; full: W' = W + noise
-    if method == "full_saved":
+    if method.startswith("full_saved"):
         delta.finish()
     return delta.requires_grad_(False)
 
@@ -163,6 +165,8 @@ def run(args) -> dict:
                 order = ("peer", "project") if r % 2 == 0 else ("project", "peer")
                 calls = {}
                 for who in order:
+                    if who == "project" and method == "full_saved_first":
+                        delta.finish()  # (untimed) back to the differences a file holds
                     _, calls[who] = measured(partial(peer, steps) if who == "peer" else partial(project, result, steps))
                 calls["ratio"] = round(calls["project"]["s"] / calls["peer"]["s"], 4)
                 calls["cpu_ratio"] = round(calls["project"]["cpu_s"] / calls["peer"]["cpu_s"], 4)
@@ -211,7 +215,9 @@ def markdown(report: dict) -> str:
              "(SD1.5 with seeded random weights), text encoder and VAE. The peer samples the plain UNet (its "
              "fine-tune is written into the weights); the project applies the trained delta to the untouched "
              "base (full: the trained weights W' as `train()` hands them back, read by each layer in place of its "
-             "weight; full_saved: the differences W' - W of a result read back from a file, added for the call). Calls alternate within each round; ratio = project time / peer time in that round. "
+             "weight; full_saved: the differences W' - W of a result read back from a file: added for each call up to "
+             "commit 0a6042c, bound to the UNet at the first call since (`FullDelta.bind`); full_saved_first: the same, "
+             "every call the first after reading the file). Calls alternate within each round; ratio = project time / peer time in that round. "
              "Peak GB: the process's peak RSS during the call (the full difference held by the result "
              "included, on both sides); +GB: that peak minus the RSS before the call. The CPU-time ratio uses the process CPU time of the same calls: "
              "other jobs on a shared machine slow the wall clock of both sides, the CPU time less.", ""]
@@ -258,7 +264,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="result path without extension (.json and .md are written)")
     p.add_argument("--methods", default="lora,full,full_saved", type=lambda s: [m for m in s.split(",") if m],
                    help="lora; full (the trained weights, as train() hands them back); full_saved (the "
-                        "differences, as a result read back from a file holds them)")
+                        "differences, as a result read back from a file holds them); full_saved_first (the same, "
+                        "every call the first after reading the file)")
     p.add_argument("--steps", default="2,10", type=lambda s: [int(x) for x in s.split(",") if x],
                    help="sampling steps of each call length (two lengths separate per-call from per-step cost)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of the first (short) call length")
@@ -277,9 +284,9 @@ def main(argv=None):
         out = Path(args.out)
         out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text())) + "\n")
         return None
-    bad = [m for m in args.methods if m not in ("lora", "full", "full_saved")]
+    bad = [m for m in args.methods if m not in ("lora", "full", "full_saved", "full_saved_first")]
     if bad:
-        p.error(f"--methods: unknown {bad}; use lora, full and/or full_saved")
+        p.error(f"--methods: unknown {bad}; use lora, full, full_saved and/or full_saved_first")
     if args.rounds_long is None:
         args.rounds_long = args.rounds
     if not args.steps or min(args.steps) < 1 or args.rounds < 1 or args.rounds_long < 1:

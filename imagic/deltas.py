@@ -200,6 +200,10 @@ class FullDelta(WeightDelta):
     * Difference form (``FullDelta(shapes)``, ``finish()``, or loaded from a file): ``tensors`` are the
       differences D = W' - W, added to the weights when applied. ``finish()`` turns the training form
       into this one in place, one tensor at a time, and drops the references.
+
+    ``bind(module)`` turns a difference into the training form on ``module`` (D <- W + D in place, each
+    element's exact way back kept), so a result read back from a file samples as one from ``train()``
+    does: nothing added per call. ``finish()`` and ``delta()`` give D back bit for bit.
     """
     method = "full"
 
@@ -208,6 +212,7 @@ class FullDelta(WeightDelta):
         self.tensors = nn.ParameterList()
         self._index = {}
         self._base: Optional[List[nn.Parameter]] = None  # training form: the module's parameters
+        self._kept: Optional[list] = None  # bound from a difference: per tensor, D where (W + D) - W misses it
         for i, (name, shape) in enumerate(sorted(shapes.items())):
             self.tensors.append(nn.Parameter(torch.zeros(shape, device=device)))
             self._index[name] = i
@@ -237,6 +242,35 @@ class FullDelta(WeightDelta):
         params = dict(module.named_parameters())
         return all(params.get(name) is self._base[i] for name, i in self._index.items())
 
+    def bind(self, module: nn.Module) -> bool:
+        """Difference form -> training form on ``module``, in place: each tensor D becomes W + D (no new
+        memory), so every later call computes with it as it is, as with the W' that ``train()`` hands back.
+        Where (W + D) - W does not give D back bit for bit, D is kept aside (``_add_keeping_the_way_back``).
+        False, with the delta as it was, where a tensor cannot hold W + D (another dtype, device or layout
+        than its weight, a quantized weight, or a D that is not the difference of two float tensors): then
+        ``applied`` merges it for each call instead (``merged_in_place``). ``module``'s values are only read."""
+        if self._base is not None:
+            return self.bound_to(module)
+        params = dict(module.named_parameters())
+        order = sorted(self._index, key=self._index.get)
+        pairs = [(self.tensors[self._index[n]], params.get(n)) for n in order]
+        if not all(w is not None and d.dtype == w.dtype and d.device == w.device and d.shape == w.shape
+                   and d.is_contiguous() and w.is_contiguous() and not is_tensor_subclass(w) for d, w in pairs):
+            return False
+        kept = []
+        with torch.no_grad():
+            try:
+                for d, w in pairs:
+                    kept.append(_add_keeping_the_way_back(d, w.detach()))
+            except BaseException as e:  # the tensor that raised is as it was; undo those before it
+                for (d, w), k in zip(pairs, kept):
+                    _subtract_restoring(d, w.detach(), k)
+                if isinstance(e, _LossyWayBack):
+                    return False
+                raise
+        self._base, self._kept = [w for _, w in pairs], kept
+        return True
+
     def weight(self, name) -> torch.Tensor:
         """Training form: the trained weight W' itself."""
         if self._base is None:
@@ -253,8 +287,11 @@ class FullDelta(WeightDelta):
         if self._base is not None:
             with torch.no_grad():
                 for i, p in enumerate(self._base):
-                    self.tensors[i].sub_(p.detach().to(self.tensors[i]))
-            self._base = None
+                    if self._kept is not None:  # bound from a difference: D again, bit for bit
+                        _subtract_restoring(self.tensors[i], p.detach(), self._kept[i])
+                    else:
+                        self.tensors[i].sub_(p.detach().to(self.tensors[i]))
+            self._base, self._kept = None, None
         return self
 
     def base_offloaded(self, folder=None, also: Optional[nn.Module] = None):
@@ -310,9 +347,14 @@ class FullDelta(WeightDelta):
         return list(self._index)
 
     def delta(self, name):
-        d = self.tensors[self._index[name]]
+        i = self._index[name]
+        d = self.tensors[i]
         if self._base is not None:
-            return d - self._base[self._index[name]].to(d)
+            out = d - self._base[i].to(d)
+            if self._kept is not None and self._kept[i] is not None:
+                with torch.no_grad():
+                    out.view(-1)[self._kept[i][0]] = self._kept[i][1]
+            return out
         return d
 
     def shape(self, name):
@@ -617,8 +659,9 @@ def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool =
     values that the delta does not read (and ``offload_also``'s, where they are the same memory) wait
     outside memory meanwhile (``WeightDelta.base_offloaded``). The module's values are never changed,
     so the base stays bit for bit unchanged. ``inference`` (no gradients, e.g. sampling): a full
-    difference is added into the delta's own tensors for the block (``FullDelta.merged_in_place``: no
-    third copy of the weights, and each layer reads its merged weight as it is). A full delta still in its
+    difference is bound to the network once (``FullDelta.bind``: W + D written over D, read by each layer as
+    it is at this and every later call, no third copy of the weights); where it cannot be, it is added into
+    the delta's own tensors for the block alone (``FullDelta.merged_in_place``). A full delta in its
     training form computes with W' on the network it was trained on (nothing to add); on another network
     it becomes the differences first (``finish``), which are then added to that network's weights.
     ``forwards`` (with ``inference``): how many forward passes the block runs (sampling: its steps); a LoRA
@@ -629,7 +672,7 @@ def applied(delta: Optional[WeightDelta], module: nn.Module, side_branch: bool =
         return
     if isinstance(delta, FullDelta) and delta.training_form and not delta.bound_to(module):
         delta.finish()
-    if inference and isinstance(delta, FullDelta) and not delta.training_form:
+    if inference and isinstance(delta, FullDelta) and not delta.training_form and not delta.bind(module):
         with delta.merged_in_place(module):
             yield
         return

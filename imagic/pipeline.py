@@ -388,9 +388,10 @@ class ImagicPipeline:
         # LoRA stays a side branch, added into each layer's output in place (merging it would write a
         # model-sized copy of the weights at every call), except in layers whose weight is small beside
         # their activations, merged once where that costs less over the call's steps. A full fine-tune from ``train`` holds W' itself and
-        # each layer reads it; a full difference loaded from a file is added once for the whole loop into
-        # the delta's own tensors and taken out again bit for bit (FullDelta.merged_in_place): a fresh
-        # model-sized copy costs more time than the sum on a CPU (benchmarks/sampling_vs_peer.py).
+        # each layer reads it; a full difference loaded from a file is bound to this UNet at its first call
+        # (FullDelta.bind: W + D written over D, the way back to D kept exact) and then read the same way:
+        # adding it at every call cost 1.27x the peer's time, a fresh model-sized copy more on a CPU
+        # (benchmarks/sampling_vs_peer.py).
         # parametrize.cached: a layer whose merged weight is formed (weight + difference) forms it once.
         with den.attach(delta, inference=True, forwards=len(timesteps)), parametrize.cached():
             for i, t in enumerate(timesteps):

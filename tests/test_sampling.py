@@ -66,6 +66,11 @@ def full_delta(unet):
     return delta, name
 
 
+def differences(delta):
+    """A full delta's D = W' - W per tensor, whichever form it is in."""
+    return [delta.delta(n) for n in sorted(delta.names(), key=delta._index.get)]
+
+
 def reference_images(pipe, result, delta_as_weights):
     """The image of the plain way: a copy of the UNet whose weights hold W + D, sampled without a delta."""
     unet = copy.deepcopy(pipe.unet)
@@ -90,16 +95,30 @@ def test_full_difference_samples_the_merged_weights_bit_for_bit_and_leaves_base_
     reference = reference_images(pipe, result, {n: delta.delta(n) for n in delta.names()})
     images = pipe.sample(result, [0.3, 0.8], seed=4, steps=STEPS)
     assert_bit_equal(pipe.unet.parameters(), base, "base model")
-    assert_bit_equal(delta.tensors, diff, "full difference")
     for a, b in zip(images, reference):
         assert np.array_equal(np.asarray(a), np.asarray(b)), "W + D held in place must be the merged weights"
+    # Bound at the first call (W + D written over D): later calls add nothing and write nothing.
+    assert delta.bound_to(pipe.unet)
+    assert_bit_equal(differences(delta), diff, "the difference read from the bound delta")
+    assert_bit_equal(list(delta.to_state_dict().values()), diff, "the difference saved from the bound delta")
+    held = bit_snapshot(delta.tensors)
+    again = pipe.sample(result, [0.3, 0.8], seed=4, steps=STEPS)
+    assert_bit_equal(delta.tensors, held, "the bound delta at a second call")
+    assert_bit_equal(pipe.unet.parameters(), base, "base model after a second call")
+    for a, b in zip(again, images):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    delta.finish()
+    assert not delta.training_form
+    assert_bit_equal(delta.tensors, diff, "full difference after finish()")
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_an_error_mid_sampling_leaves_base_and_delta_bit_for_bit(pipe, embeddings, method):
     delta = lora_delta(pipe.unet) if method == "lora" else full_delta(pipe.unet)[0]
     result = ImagicResult(*embeddings, delta=delta, settings=dict(width=SIZE, height=SIZE, method=method))
-    base, own = bit_snapshot(pipe.unet.parameters()), bit_snapshot(delta.parameters())
+    # (a full difference stays bound to the UNet after its first call: what must not change is D itself)
+    values = (lambda: list(delta.parameters())) if method == "lora" else (lambda: differences(delta))
+    base, own = bit_snapshot(pipe.unet.parameters()), bit_snapshot(values())
 
     def progress(step, total, loss):
         if step == 2:
@@ -108,11 +127,11 @@ def test_an_error_mid_sampling_leaves_base_and_delta_bit_for_bit(pipe, embedding
     with pytest.raises(KeyboardInterrupt):
         pipe.sample(result, [0.7], steps=STEPS, progress=progress)
     assert_bit_equal(pipe.unet.parameters(), base, "base model")
-    assert_bit_equal(delta.parameters(), own, f"{method} delta")
+    assert_bit_equal(values(), own, f"{method} delta")
     assert not torch.nn.utils.parametrize.is_parametrized(pipe.unet)
     assert not any(m._forward_hooks for m in pipe.unet.modules()), "a LoRA hook was left behind"
     pipe.sample(result, [0.7], steps=1)  # and it still samples
-    assert_bit_equal(delta.parameters(), own, f"{method} delta after sampling again")
+    assert_bit_equal(values(), own, f"{method} delta after sampling again")
 
 
 def test_an_error_while_adding_the_difference_in_takes_it_out_again(pipe, monkeypatch):
@@ -225,9 +244,31 @@ def test_a_difference_of_no_two_float_tensors_falls_back_to_a_merged_copy(pipe, 
     own = bit_snapshot(delta.tensors)
     reference = reference_images(pipe, result, {n: delta.delta(n) for n in delta.names()})
     images = pipe.sample(result, [0.3, 0.8], seed=4, steps=STEPS)
+    assert not delta.training_form, "such a D cannot be bound (its way back would take more than a copy)"
     assert_bit_equal(delta.tensors, own, "full difference")
     for a, b in zip(images, reference):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_bound_difference_sampled_on_another_network_is_its_difference_again(pipe, embeddings):
+    """Bound to one UNet at its first call, a difference read back from a file comes back bit for bit as
+    D for another UNet (half-ulp ties and -0.0 included), which then gets its own weights + D."""
+    delta, _ = full_delta(pipe.unet)
+    diff = bit_snapshot(delta.tensors)
+    result = ImagicResult(*embeddings, delta=delta, settings=dict(width=SIZE, height=SIZE, method="full"))
+    pipe.sample(result, [0.7], seed=1, steps=1)
+    assert delta.bound_to(pipe.unet)
+    other = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        for q in other.parameters():
+            q.add_(0.5)
+    reference = reference_images(fresh_pipe(pipe, other), result, {n: delta.delta(n) for n in delta.names()})
+    images = fresh_pipe(pipe, other).sample(result, [0.3, 0.8], seed=4, steps=STEPS)
+    assert not delta.bound_to(pipe.unet)  # (nor to ``other``: W + 0.5 + D does not lead back to this D)
+    for a, b in zip(images, reference):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    delta.finish()
+    assert_bit_equal(delta.tensors, diff, "full difference after two bindings")
 
 
 def test_a_full_fine_tune_from_train_samples_its_trained_weights_as_they_are(pipe, photo, tmp_path):
