@@ -313,10 +313,25 @@ class Frontend:
         }""", [b, margin])
         return {k: round(v) for k, v in r.items()}
 
+    def wait_unblocked(self, timeout_ms: int = 60_000) -> None:
+        """Wait until no full-screen BlockUI mask covers the page (the app shows one while it loads, e.g.
+        while node definitions refresh). PrimeVue removes the mask at the end of its leave animation
+        (``unblock`` adds ``p-overlay-mask-leave``, then waits for ``animationend``); when block and unblock
+        come close together, as on a busy machine, that event never comes and the mask stays over the
+        page with nothing loading (seen on frontend 1.49.6: the Run click timed out behind it). A mask
+        already leaving gets the event it waits for; one still blocking is waited for."""
+        self.page.wait_for_function(
+            """() => {
+                document.querySelectorAll('.p-blockui-mask.p-overlay-mask-leave')
+                    .forEach(m => m.dispatchEvent(new Event('animationend')));
+                return !document.querySelector('.p-blockui-mask');
+            }""", timeout=timeout_ms, polling=250)
+
     def click_run(self) -> None:
         """The Run button of the top bar (queues the current graph via app.queuePrompt)."""
         btn = self.page.locator("button", has_text="Run").first
         btn.wait_for(state="visible", timeout=30_000)
+        self.wait_unblocked()
         btn.click()
 
     def output_images(self) -> list[str]:
