@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from edit_quality import MEASURES, score
+from edit_quality import LABELS, MEASURES, score
 from imagic import ImagicResult, finetune, optimize_embedding
 from imagic.pipeline import ImagicPipeline
 from imagic.toy import MODEL_DIR
@@ -71,7 +71,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--stem", default="eta_range")
+    p.add_argument("--baselines", metavar="JSON", default=None,
+                   help="an edit_quality.py result on these cases' model: its methods on the same cases (by seed), "
+                        "each at its best eta / strength, are listed beside the stage settings")
+    p.add_argument("--rewrite", metavar="JSON", default=None,
+                   help="only write a run's tables again from its JSON (e.g. with --baselines), to --out/--stem")
     args = p.parse_args(argv)
+    if args.rewrite:
+        return write(json.loads(Path(args.rewrite).read_text()), Path(args.out), args.stem, args.baselines)
     torch.set_num_threads(1)  # a 2 M-parameter model: more threads oversubscribe a shared machine
     etas = [float(e) for e in args.etas.split(",")]
     pipe = ImagicPipeline.from_pretrained(args.model, device="cpu")
@@ -108,19 +115,35 @@ def main(argv=None):
                 for j, eta in enumerate(etas)]
         best = max(rows, key=lambda r: (r["edit_identity"], r["edit"], -r["background"]))
         settings.append(dict(st, rows=rows, best=best, train_cpu_s_per_case=train_s[k] / len(cases)))
-    lines = [f"# Imagic over etas and stage lengths on `{Path(args.model).name}` ({len(cases)} harder cases, "
-             f"{datetime.now(timezone.utc):%Y-%m-%d}, 1 torch thread, {time.time() - t0:.0f} s)", "",
-             f"LoRA rank 4 (full: every weight); sampler: the toy gate's {GATE['steps']} steps, guidance {GATE['guidance']}. Training "
-             "CPU s: process CPU time of both stages per case (1 thread).", ""]
-    if len(settings) > 1:
-        full = settings[0]["train_cpu_s_per_case"]
+    run = dict(model=Path(args.model).name, date=f"{datetime.now(timezone.utc):%Y-%m-%d}",
+               seconds=round(time.time() - t0), etas=etas, settings=settings, cases=per_case)
+    write(run, Path(args.out), args.stem, args.baselines)
+
+
+def write(run: dict, out: Path, stem: str, baselines=None) -> None:
+    """The run's JSON and its tables (with ``baselines``: an edit_quality.py result's methods on the same cases)."""
+    settings, per_case = run["settings"], run["cases"]
+    if baselines:
+        run["baselines"] = same_cases(baselines, per_case)
+        run["baselines_from"] = Path(baselines).name
+    others = run.get("baselines", [])
+    lines = [f"# Imagic over etas and stage lengths on `{run['model']}` ({len(per_case)} harder cases, "
+             f"{run['date']}, 1 torch thread, {run['seconds']} s)", "",
+             f"LoRA rank 4 (full: every weight); sampler: the toy gate's {GATE['steps']} steps, guidance "
+             f"{GATE['guidance']}. Training CPU s: process CPU time of both stages per case (1 thread).", ""]
+    if len(settings) > 1 or others:
+        first = settings[0]["train_cpu_s_per_case"]
         lines += ["| stages | training CPU s per case | of the first row's | best eta | edit made, identity kept | "
                   "edit (classifier) | background | to ideal |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for st in settings:
             b = st["best"]
-            lines.append(f"| {st['name']} | {st['train_cpu_s_per_case']:.1f} | {st['train_cpu_s_per_case'] / full:.2f} | "
+            lines.append(f"| {st['name']} | {st['train_cpu_s_per_case']:.1f} | {st['train_cpu_s_per_case'] / first:.2f} | "
                          f"{b['eta']:g} | {b['edit_identity']:.2f} | {b['edit']:.2f} | {b['background']:.3f} | "
                          f"{b['to_ideal']:.3f} |")
+        for o in others:
+            b = o["best"]
+            lines.append(f"| {o['name']} (`{run['baselines_from']}`, the same cases) | | | {b['eta']:g} | "
+                         f"{b['edit_identity']:.2f} | {b['edit']:.2f} | {b['background']:.3f} | {b['to_ideal']:.3f} |")
         lines.append("")
     for st in settings:
         lines += [f"## {st['name']}", "",
@@ -131,11 +154,31 @@ def main(argv=None):
                          f"{r['kept']:.2f} | {r['background']:.3f} | {r['to_ideal']:.3f} | "
                          + " | ".join(f"{r['kind:' + k]:.2f}" for k in HARD_KINDS) + " |")
         lines.append("")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.stem}.json").write_text(json.dumps(dict(etas=etas, settings=settings, cases=per_case), indent=1))
-    (out / f"{args.stem}.md").write_text("\n".join(lines))
+    (out / f"{stem}.json").write_text(json.dumps(run, indent=1))
+    (out / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def same_cases(path, per_case) -> list:
+    """The methods of an edit_quality.py result on the cases of this run (matched by seed), each at its best
+    eta / strength by the same ordering as here."""
+    report = json.loads(Path(path).read_text())
+    by_seed = {c["seed"]: c for c in report["cases"]}
+    missing = [c["seed"] for c in per_case if c["seed"] not in by_seed]
+    if missing:
+        raise SystemExit(f"{path} has no scores for {len(missing)} of these cases (e.g. seed {missing[0]}): "
+                         "give a result of at least as many cases")
+    theirs = [by_seed[c["seed"]] for c in per_case]
+    out = []
+    for method in report["table"]:
+        if method.startswith(("imagic", "no_finetune")):
+            continue
+        rows = [dict(eta=eta, **{m: float(np.nanmean([c["scores"][method][j][m] for c in theirs])) for m in MEASURES})
+                for j, eta in enumerate(report["meta"]["settings"]["etas"])]
+        out.append(dict(method=method, name=LABELS.get(method, method), rows=rows,
+                        best=max(rows, key=lambda r: (r["edit_identity"], r["edit"], -r["background"]))))
+    return out
 
 
 if __name__ == "__main__":
