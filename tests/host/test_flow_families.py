@@ -8,6 +8,7 @@ parameters, 15-100 s each here): they run with IMAGIC_HOST_SLOW=1.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -146,9 +147,10 @@ def test_both_stages_lower_the_familys_objective_and_the_base_is_untouched(comfy
         assert torch.equal(v, state[k]), f"base weight {k} changed"
 
 
-def gradients(pack, model, cond, latent, checkpointing: bool, weights_on_device=None):
-    """(output, d/d latent, d/d context, out-of-place, bytes streamed) of one prediction through the training copy,
-    as a training step sees them."""
+@contextmanager
+def training_copy_loaded(pack, model, cond, latent, checkpointing: bool, weights_on_device=None):
+    """(denoiser, x0, e) as a training step has them: the node's denoiser over the training copy, loaded, the
+    photo's latent and the text embedding as a leaf that takes gradients, with autograd on."""
     host = pack["host"]
     tensor, extra = cond[0][0], cond[0][1]
     den = host.ComfyDenoiser(model, extra, *host.conditioning.image_size(extra, latent))
@@ -156,6 +158,13 @@ def gradients(pack, model, cond, latent, checkpointing: bool, weights_on_device=
     with torch.inference_mode(False), den.loaded(checkpointing):
         x0 = host.conditioning.latent_for(model, latent)
         e = {k: v.detach().clone().requires_grad_(True) for k, v in host.conditioning.text_embedding(den, tensor, extra).items()}
+        yield den, x0, e
+
+
+def gradients(pack, model, cond, latent, checkpointing: bool, weights_on_device=None):
+    """(output, d/d latent, d/d context, out-of-place, bytes streamed) of one prediction through the training copy,
+    as a training step sees them."""
+    with training_copy_loaded(pack, model, cond, latent, checkpointing, weights_on_device) as (den, x0, e):
         x = (x0 + 0.5 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
         out = den.predict(x, torch.tensor([0.5]), e)
         out.float().pow(2).sum().backward()

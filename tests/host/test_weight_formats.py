@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from . import flow_models, weight_formats
 from .comfy_host import call_node
+from .test_flow_families import training_copy_loaded
 from .test_imagic_nodes import objective
 
 FAMILIES = ("flux_dev", "sd15")
@@ -209,11 +210,8 @@ def test_full_finetune_on_a_quantized_base_is_refused_with_the_way_out(pack, loa
 def _saved_weight_copies(pack, model, cond, latent, checkpointing: bool) -> list:
     """The tensors autograd keeps for the backward pass of one stage-1 prediction through the training copy that
     have the shape of a layer's weight (or its transpose) and are not a stored parameter: weight copies."""
-    host = pack["host"]
-    tensor, extra = cond[0][0], cond[0][1]
     shapes = {tuple(s) for s in pack["deltas"].lora_target_shapes(model.model.diffusion_model).values()}
     shapes |= {s[::-1] for s in shapes}
-    den = host.ComfyDenoiser(model, extra, *host.conditioning.image_size(extra, latent))
     copies = {}
 
     def pack_hook(t):
@@ -221,10 +219,7 @@ def _saved_weight_copies(pack, model, cond, latent, checkpointing: bool) -> list
             copies[t.untyped_storage().data_ptr()] = tuple(t.shape)
         return t
 
-    with torch.inference_mode(False), den.loaded(checkpointing):
-        x0 = host.conditioning.latent_for(model, latent)
-        e = {k: v.detach().clone().requires_grad_(True)
-             for k, v in host.conditioning.text_embedding(den, tensor, extra).items()}
+    with training_copy_loaded(pack, model, cond, latent, checkpointing) as (den, x0, e):
         den.predict(x0 + 0.5, torch.tensor([0.5]), e)  # the first call runs the in-place probe
         stored = {p.untyped_storage().data_ptr() for p in den.base.parameters()
                   if type(p) in (torch.Tensor, torch.nn.Parameter)}
