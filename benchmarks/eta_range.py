@@ -74,16 +74,19 @@ def main(argv=None):
     p.add_argument("--baselines", metavar="JSON", default=None,
                    help="an edit_quality.py result on these cases' model: its methods on the same cases (by seed), "
                         "each at its best eta / strength, are listed beside the stage settings")
-    p.add_argument("--rewrite", metavar="JSON", default=None,
-                   help="only write a run's tables again from its JSON (e.g. with --baselines), to --out/--stem")
+    p.add_argument("--skip", type=int, default=0, help="leave out the first K of the N cases (another run has them)")
+    p.add_argument("--rewrite", metavar="JSON", nargs="+", default=None,
+                   help="only write the tables again from runs' JSON (e.g. with --baselines), to --out/--stem; "
+                        "several runs of other cases are joined: the stage settings they all have, their cases in turn")
     args = p.parse_args(argv)
     if args.rewrite:
-        return write(json.loads(Path(args.rewrite).read_text()), Path(args.out), args.stem, args.baselines)
+        return write(joined([json.loads(Path(f).read_text()) for f in args.rewrite]), Path(args.out), args.stem,
+                     args.baselines)
     torch.set_num_threads(1)  # a 2 M-parameter model: more threads oversubscribe a shared machine
     etas = [float(e) for e in args.etas.split(",")]
     pipe = ImagicPipeline.from_pretrained(args.model, device="cpu")
     classifier = load_classifier()
-    cases = hard_edit_cases(args.cases)
+    cases = hard_edit_cases(args.cases)[args.skip:]
     kw = dict(seed=args.seed, noise_samples=1)
     sample = dict(seed=args.seed, steps=GATE["steps"], guidance=GATE["guidance"])
     per_case, t0 = [], time.time()
@@ -107,21 +110,59 @@ def main(argv=None):
         print(f"[{i + 1}/{len(cases)}] {case['kind']:14s} bg {case['texture']:7s}: edit+identity "
               + " | ".join("".join(str(int(s["edit_identity"])) for s in sc) for sc in entry["scores"])
               + f" ({time.time() - t0:.0f}s)", flush=True)
-    settings = []
-    for k, st in enumerate(args.stages):
-        rows = [dict(eta=eta, **{m: float(np.nanmean([c["scores"][k][j][m] for c in per_case])) for m in MEASURES},
-                     **{f"kind:{kind}": float(np.mean([c["scores"][k][j]["edit_identity"] for c in per_case
-                                                       if c["kind"] == kind])) for kind in HARD_KINDS})
-                for j, eta in enumerate(etas)]
-        best = max(rows, key=lambda r: (r["edit_identity"], r["edit"], -r["background"]))
-        settings.append(dict(st, rows=rows, best=best, train_cpu_s_per_case=train_s[k] / len(cases)))
+    settings = [dict(st, train_cpu_s_per_case=train_s[k] / len(cases)) for k, st in enumerate(args.stages)]
     run = dict(model=Path(args.model).name, date=f"{datetime.now(timezone.utc):%Y-%m-%d}",
                seconds=round(time.time() - t0), etas=etas, settings=settings, cases=per_case)
     write(run, Path(args.out), args.stem, args.baselines)
 
 
+def mean(values) -> float:
+    """The mean of the numbers that are not NaN ("vacated" is NaN where the target covers the old object); NaN
+    where there are none (a kind these cases do not have)."""
+    values = [v for v in values if v == v]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def tabulate(run: dict) -> None:
+    """Each stage setting's rows (means over the cases, per eta) and its best eta."""
+    per_case = run["cases"]
+    for k, st in enumerate(run["settings"]):
+        st["rows"] = [dict(eta=eta, **{m: mean([c["scores"][k][j][m] for c in per_case]) for m in MEASURES},
+                           **{f"kind:{kind}": mean([c["scores"][k][j]["edit_identity"] for c in per_case
+                                                    if c["kind"] == kind]) for kind in HARD_KINDS})
+                      for j, eta in enumerate(run["etas"])]
+        st["best"] = max(st["rows"], key=lambda r: (r["edit_identity"], r["edit"], -r["background"]))
+
+
+def joined(runs: list) -> dict:
+    """One run from runs of other cases: the stage settings all of them have (by name), the cases in turn."""
+    if len(runs) == 1:
+        return runs[0]
+    if any(r["etas"] != runs[0]["etas"] or r["model"] != runs[0]["model"] for r in runs):
+        raise SystemExit("--rewrite joins runs of one model at the same etas only")
+    names = [st["name"] for st in runs[0]["settings"] if all(st["name"] in [s["name"] for s in r["settings"]]
+                                                               for r in runs)]
+    if not names:
+        raise SystemExit("--rewrite: these runs have no stage setting in common")
+    settings, cases = [], []
+    for name in names:
+        mine = [next(s for s in r["settings"] if s["name"] == name) for r in runs]
+        n = [len(r["cases"]) for r in runs]
+        settings.append(dict({k: v for k, v in mine[0].items() if k not in ("rows", "best")},
+                             train_cpu_s_per_case=sum(s["train_cpu_s_per_case"] * m for s, m in zip(mine, n)) / sum(n)))
+    for r in runs:
+        index = [[s["name"] for s in r["settings"]].index(name) for name in names]
+        cases += [dict(c, scores=[c["scores"][i] for i in index]) for c in r["cases"]]
+    seeds = [c["seed"] for c in cases]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit("--rewrite: the runs share cases; join runs of other cases (see --skip)")
+    return dict(runs[0], date=" and ".join(sorted({r["date"] for r in runs})), seconds=sum(r["seconds"] for r in runs),
+                settings=settings, cases=cases)
+
+
 def write(run: dict, out: Path, stem: str, baselines=None) -> None:
     """The run's JSON and its tables (with ``baselines``: an edit_quality.py result's methods on the same cases)."""
+    tabulate(run)
     settings, per_case = run["settings"], run["cases"]
     if baselines:
         run["baselines"] = same_cases(baselines, per_case)
@@ -174,7 +215,7 @@ def same_cases(path, per_case) -> list:
     for method in report["table"]:
         if method.startswith(("imagic", "no_finetune")):
             continue
-        rows = [dict(eta=eta, **{m: float(np.nanmean([c["scores"][method][j][m] for c in theirs])) for m in MEASURES})
+        rows = [dict(eta=eta, **{m: mean([c["scores"][method][j][m] for c in theirs]) for m in MEASURES})
                 for j, eta in enumerate(report["meta"]["settings"]["etas"])]
         out.append(dict(method=method, name=LABELS.get(method, method), rows=rows,
                         best=max(rows, key=lambda r: (r["edit_identity"], r["edit"], -r["background"]))))
