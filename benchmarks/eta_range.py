@@ -212,12 +212,16 @@ def same_cases(path, per_case) -> list:
                          "give a result of at least as many cases")
     theirs = [by_seed[c["seed"]] for c in per_case]
     out = []
+    st = report["meta"]["settings"]
+    steps = {"imagic_lora": (st["embedding_steps"], st["finetune_steps"]),
+             "imagic_fast": (st["embedding_steps"] // st["fast_divisor"], st["finetune_steps"] // st["fast_divisor"])}
     for method in report["table"]:
-        if method.startswith(("imagic", "no_finetune")):
+        if method.startswith("imagic") and method not in steps:
             continue
         rows = [dict(eta=eta, **{m: mean([c["scores"][method][j][m] for c in theirs]) for m in MEASURES})
                 for j, eta in enumerate(report["meta"]["settings"]["etas"])]
-        out.append(dict(method=method, name=LABELS.get(method, method), rows=rows,
+        name = LABELS.get(method, method) + (" {} + {} steps".format(*steps[method]) if method in steps else "")
+        out.append(dict(method=method, name=name, rows=rows,
                         best=max(rows, key=lambda r: (r["edit_identity"], r["edit"], -r["background"]))))
     return out
 

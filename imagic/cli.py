@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help=f"paper: the paper's Stable Diffusion settings ({preset_text('paper')}); fast: a quarter of "
-                        f"the default training steps ({preset_text('fast')}), which on the toy models keeps far "
-                        "less of the photo (README, 'Edit quality'). Options given explicitly win "
+                        f"the default training steps at 4x the rates ({preset_text('fast')}), which on the toy models "
+                        "keeps less of the photo (README, 'Edit quality'). Options given explicitly win "
                         "(default: none, the defaults below)")
 
     default_option("--embedding-steps", "embedding_steps", "stage 1 Adam steps, 0 skips", type=_stage_steps)

@@ -170,6 +170,9 @@ def test_presets_set_the_training_options_and_options_given_win():
     assert {k: fast[k] for k in FAST_PRESET} == FAST_PRESET and fast["method"] == "lora"
     assert fast["embedding_steps"] + fast["finetune_steps"] == (DEFAULTS["embedding_steps"] + DEFAULTS["finetune_steps"]) / 4
     assert _edit_args("--preset", "fast", "--finetune-steps", "300")[0]["finetune_steps"] == 300
+    assert lr == FAST_PRESET["lr_finetune"] == 4 * DEFAULTS["lr_finetune_lora"], "a quarter of the steps at 4x the rate"
+    # The fast rate is LoRA's: with --method full the full default applies, not 800x the paper's.
+    assert _edit_args("--preset", "fast", "--method", "full")[1] == DEFAULTS["lr_finetune_full"]
     paper, lr = _edit_args("--preset", "paper")
     assert {k: paper[k] for k in PAPER_PRESET} == PAPER_PRESET and lr == 5e-7
     # The paper's rate is its full fine-tune's: with --method lora the LoRA default applies, not 200x below it.
