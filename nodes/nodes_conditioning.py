@@ -4,11 +4,11 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..imagic import ImagicError, interpolate
-from ..imagic.defaults import DEFAULTS
+from ..imagic.defaults import DEFAULTS, eta_sweep_text
 from .host import embedding_of, entry_of, single_conditioning
 from .schema import schema
 
-DEFAULT_ETAS = "0.5, 0.6, 0.7, 0.8, 0.9, 1.0"
+DEFAULT_ETAS = eta_sweep_text(", ")
 
 
 def interpolate_conditioning(target, optimized, eta):
@@ -46,12 +46,14 @@ class ImagicInterpolateConditioning(io.ComfyNode):
             display_name="Imagic Interpolate Conditioning",
             category="Imagic",
             description="Imagic stage 3: eta * target + (1 - eta) * optimized. Sample it with the fine-tuned model. "
-                        "eta 0 reproduces the photo, 1 is the target text alone; 0.6-0.8 is usually best.",
+                        "eta 0 reproduces the photo, 1 is the target text alone; 0.6-0.8 is usually best. When 1 still "
+                        "shows the photo (the fine-tune learnt it whatever the text), try 1.25-1.5.",
             inputs=[
                 io.Conditioning.Input("target", tooltip=_TARGET),
                 io.Conditioning.Input("optimized", tooltip=_OPTIMIZED),
                 io.Float.Input("eta", default=DEFAULTS["eta"], min=-1.0, max=2.0, step=0.01,
-                               tooltip="Weight of the target text. Outside 0..1 extrapolates."),
+                               tooltip="Weight of the target text. Outside 0..1 extrapolates: past 1 moves away from the photo's "
+                                       "embedding, for a fine-tune that keeps the photo at 1."),
             ],
             outputs=[io.Conditioning.Output()],
         )

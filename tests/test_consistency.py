@@ -215,9 +215,12 @@ def test_node_widgets_written_as_literals_are_the_defaults():
             assert value == DEFAULTS[key], (name, value)
     assert literals.get("seed") == {DEFAULTS["seed"]} and literals.get("method") == {DEFAULTS["method"]}
     tree = ast.parse((ROOT / "nodes" / "nodes_conditioning.py").read_text())
-    etas = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+    etas = next(n.value for n in tree.body if isinstance(n, ast.Assign)
                 and getattr(n.targets[0], "id", None) == "DEFAULT_ETAS")
-    assert tuple(float(e) for e in etas.split(",")) == ETA_SWEEP
+    # The Eta Sweep's default is written from ETA_SWEEP itself (nodes/ imports ComfyUI: read, not imported).
+    assert isinstance(etas, ast.Call) and getattr(etas.func, "id", None) == "eta_sweep_text", ast.dump(etas)
+    from imagic.defaults import eta_sweep_text
+    assert tuple(float(e) for e in eta_sweep_text(", ").split(",")) == ETA_SWEEP
 
 
 def test_readme_node_table_states_the_defaults_wherever_it_gives_one():
