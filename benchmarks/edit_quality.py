@@ -147,11 +147,20 @@ def run_case(pipe, case, args, classifier, flow):
     return scores, results, extra
 
 
-def aggregate(per_case, etas, methods):
-    def mean(vals):
-        vals = [v for v in vals if v == v]  # "vacated" is NaN where the target covers the old object
-        return float(np.mean(vals)) if vals else float("nan")
+def mean(vals) -> float:
+    """The mean of the values that are not NaN ("vacated" is NaN where the target covers the old object); NaN
+    where there are none (a group these cases do not have)."""
+    vals = [v for v in vals if v == v]
+    return float(np.mean(vals)) if vals else float("nan")
 
+
+def best_row(rows) -> dict:
+    """A method's best eta / strength: the most edits made with identity kept, then edits, then the closest
+    background."""
+    return max(rows, key=lambda r: (r["edit_identity"], r["edit"], -r["background"]))
+
+
+def aggregate(per_case, etas, methods):
     table = {}
     for m in methods:
         rows = []
@@ -161,8 +170,7 @@ def aggregate(per_case, etas, methods):
                 for v in key:
                     row[f"{group}:{v}"] = mean([c["scores"][m][j]["edit_identity"] for c in per_case if c[group] == v])
             rows.append(row)
-        best = max(rows, key=lambda r: (r["edit_identity"], r["edit"], -r["background"]))
-        table[m] = dict(rows=rows, best=best)
+        table[m] = dict(rows=rows, best=best_row(rows))
     return table
 
 

@@ -30,11 +30,10 @@ common.require("torch", "diffusers", "transformers", "PIL")  # before any work
 
 from common import HARD_KINDS, hard_edit_cases
 
-import numpy as np
 import torch
 from PIL import Image
 
-from edit_quality import LABELS, MEASURES, score
+from edit_quality import LABELS, MEASURES, best_row, mean, score
 from imagic import ImagicResult, finetune, optimize_embedding
 from imagic.pipeline import ImagicPipeline
 from imagic.toy import MODEL_DIR
@@ -116,13 +115,6 @@ def main(argv=None):
     write(run, Path(args.out), args.stem, args.baselines)
 
 
-def mean(values) -> float:
-    """The mean of the numbers that are not NaN ("vacated" is NaN where the target covers the old object); NaN
-    where there are none (a kind these cases do not have)."""
-    values = [v for v in values if v == v]
-    return float(np.mean(values)) if values else float("nan")
-
-
 def tabulate(run: dict) -> None:
     """Each stage setting's rows (means over the cases, per eta) and its best eta."""
     per_case = run["cases"]
@@ -131,7 +123,7 @@ def tabulate(run: dict) -> None:
                            **{f"kind:{kind}": mean([c["scores"][k][j]["edit_identity"] for c in per_case
                                                     if c["kind"] == kind]) for kind in HARD_KINDS})
                       for j, eta in enumerate(run["etas"])]
-        st["best"] = max(st["rows"], key=lambda r: (r["edit_identity"], r["edit"], -r["background"]))
+        st["best"] = best_row(st["rows"])
 
 
 def joined(runs: list) -> dict:
@@ -222,7 +214,7 @@ def same_cases(path, per_case) -> list:
                 for j, eta in enumerate(report["meta"]["settings"]["etas"])]
         name = LABELS.get(method, method) + (" {} + {} steps".format(*steps[method]) if method in steps else "")
         out.append(dict(method=method, name=name, rows=rows,
-                        best=max(rows, key=lambda r: (r["edit_identity"], r["edit"], -r["background"]))))
+                        best=best_row(rows)))
     return out
 
 
