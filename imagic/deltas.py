@@ -254,8 +254,7 @@ class FullDelta(WeightDelta):
         params = dict(module.named_parameters())
         order = sorted(self._index, key=self._index.get)
         pairs = [(self.tensors[self._index[n]], params.get(n)) for n in order]
-        if not all(w is not None and d.dtype == w.dtype and d.device == w.device and d.shape == w.shape
-                   and d.is_contiguous() and w.is_contiguous() and not is_tensor_subclass(w) for d, w in pairs):
+        if not all(w is not None and _can_hold_sum(d, w) for d, w in pairs):
             return False
         kept = []
         with torch.no_grad():
@@ -330,8 +329,7 @@ class FullDelta(WeightDelta):
             for name in self.names():
                 d, w = self.tensors[self._index[name]], params[name].detach()
                 layer = module.get_submodule(_module_name(name))
-                if not (d.dtype == w.dtype and d.device == w.device and d.shape == w.shape and d.is_contiguous()
-                        and w.is_contiguous() and not is_tensor_subclass(w)):
+                if not _can_hold_sum(d, w):
                     undo.callback(self.attach_to(layer, name))
                     continue
                 try:
@@ -473,6 +471,13 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 class _LossyWayBack(Exception):
     """(W + D) - W misses D in too many elements to keep them aside: use a fresh merged copy instead."""
+
+
+def _can_hold_sum(d: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a difference tensor can take W + D in place, element for element (``_add_keeping_the_way_back``):
+    the same dtype, device, shape and contiguous layout as its weight, and a weight stored as plain values."""
+    return (d.dtype == w.dtype and d.device == w.device and d.shape == w.shape and d.is_contiguous()
+            and w.is_contiguous() and not is_tensor_subclass(w))
 
 
 def _add_keeping_the_way_back(d: torch.Tensor, w: torch.Tensor):
