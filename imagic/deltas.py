@@ -213,6 +213,7 @@ class FullDelta(WeightDelta):
         self._index = {}
         self._base: Optional[List[nn.Parameter]] = None  # training form: the module's parameters
         self._kept: Optional[list] = None  # bound from a difference: per tensor, D where (W + D) - W misses it
+        self._lossy_on: Optional[int] = None  # id() of the module whose weights ``bind`` found D no difference of
         for i, (name, shape) in enumerate(sorted(shapes.items())):
             self.tensors.append(nn.Parameter(torch.zeros(shape, device=device)))
             self._index[name] = i
@@ -251,6 +252,8 @@ class FullDelta(WeightDelta):
         ``applied`` merges it for each call instead (``merged_in_place``). ``module``'s values are only read."""
         if self._base is not None:
             return self.bound_to(module)
+        if self._lossy_on == id(module):  # found at an earlier call: not again at every call (merging is as right)
+            return False
         params = dict(module.named_parameters())
         order = sorted(self._index, key=self._index.get)
         pairs = [(self.tensors[self._index[n]], params.get(n)) for n in order]
@@ -265,6 +268,7 @@ class FullDelta(WeightDelta):
                 for (d, w), k in zip(pairs, kept):
                     _subtract_restoring(d, w.detach(), k)
                 if isinstance(e, _LossyWayBack):
+                    self._lossy_on = id(module)
                     return False
                 raise
         self._base, self._kept = [w for _, w in pairs], kept

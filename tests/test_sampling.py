@@ -230,7 +230,7 @@ def test_a_loaded_full_difference_samples_like_the_trained_one(pipe, embeddings,
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
 
 
-def test_a_difference_of_no_two_float_tensors_falls_back_to_a_merged_copy(pipe, embeddings):
+def test_a_difference_of_no_two_float_tensors_falls_back_to_a_merged_copy(pipe, embeddings, monkeypatch):
     """A D that is not W' - W of two float tensors: (W + D) - W misses it in most elements, so
     ``merged_in_place`` gives those tensors a merged copy; same images, the delta unchanged."""
     shapes = {n: p.shape for n, p in pipe.unet.named_parameters() if n.endswith((".weight", ".bias"))}
@@ -243,10 +243,21 @@ def test_a_difference_of_no_two_float_tensors_falls_back_to_a_merged_copy(pipe, 
     result = ImagicResult(*embeddings, delta=delta, settings=dict(width=SIZE, height=SIZE, method="full"))
     own = bit_snapshot(delta.tensors)
     reference = reference_images(pipe, result, {n: delta.delta(n) for n in delta.names()})
+    import imagic.deltas as deltas
+
+    adds = []
+    real_add = deltas._add_keeping_the_way_back
+    monkeypatch.setattr(deltas, "_add_keeping_the_way_back", lambda d, w: adds.append(1) or real_add(d, w))
     images = pipe.sample(result, [0.3, 0.8], seed=4, steps=STEPS)
     assert not delta.training_form, "such a D cannot be bound (its way back would take more than a copy)"
     assert_bit_equal(delta.tensors, own, "full difference")
     for a, b in zip(images, reference):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    first = len(adds)
+    again = pipe.sample(result, [0.3, 0.8], seed=4, steps=STEPS)
+    assert len(adds) - first < first, "a second call must not try to bind it again"
+    assert_bit_equal(delta.tensors, own, "full difference after a second call")
+    for a, b in zip(again, images):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
