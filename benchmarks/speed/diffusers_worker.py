@@ -82,8 +82,9 @@ def sample_steps(den, unet, x0, e_tgt, cfg, total, meter):
     """DDIM steps as ImagicPipeline.sample takes them (a batch of 2, the prompt and the empty text,
     no gradients) with a trained delta applied by ``imagic.deltas.applied``: sample_impl "side" (LoRA
     as a side branch, added into each output in place without autograd: the pipeline's way),
-    "in_place" (a full difference added into the delta's own tensors for all steps,
-    ``FullDelta.merged_in_place``: the pipeline's way), "cached" (a full difference merged once into a
+    "in_place" (a full difference written into the delta's own tensors as W + D, ``applied(inference=True)``:
+    the pipeline's way; bound to the UNet by ``FullDelta.bind`` since 2026-12-08, added for the block by
+    ``FullDelta.merged_in_place`` before, as in the result files of that time), "cached" (a full difference merged once into a
     fresh copy, ``parametrize.cached``: the pipeline's way before 2026-12-03), "merged" (weight + delta
     formed by each layer at every call), "none" (the model alone; the peer samples its weights trained
     in place, which costs the same). benchmarks/sampling_vs_peer.py times whole calls against the peer."""
